@@ -1,0 +1,640 @@
+"""`SpikeWatch`: the thin adapter from Lightning's hooks to the detector, the rules and the exports.
+
+Per step it reads a few device scalars and moves them to the host in one transfer; everything
+costly (layer history, Adam state, replay) happens only when the detector has flagged a spike.
+Every run-time failure is caught, reported once, and switches off only the part that failed.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import os
+import warnings
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.text import Text
+
+from lightning_spikewatch import report
+from lightning_spikewatch.causes import LayerGradients, SampleLoss, SampleLosses, SpikeContext, rank_causes
+from lightning_spikewatch.detector import SpikeDetector, StepSignals, Verdict
+from lightning_spikewatch.events import SpikeEvent
+from lightning_spikewatch.export import SpikeLog
+from lightning_spikewatch.replay import (
+    find_dominant_samples,
+    loss_from_output,
+    preserved_training_state,
+    training_step_takes_batch_idx,
+)
+from lightning_spikewatch.signals import (
+    GradientReader,
+    LayerNormHistory,
+    adam_layers,
+    batch_size_of,
+    class_counts,
+    dataset_indices,
+    input_max_abs,
+    largest_input_position,
+    slice_batch,
+    tensor_leaves,
+)
+
+TOP_SAMPLES = 3
+
+
+@dataclass
+class _Batch:
+    """What was read from one training batch before its optimizer step."""
+
+    batch: Any
+    batch_idx: int
+    step: int
+    epoch: int
+    size: int | None
+    is_last: bool
+    leaves: list[torch.Tensor]
+    input_max: torch.Tensor | None
+    loss: torch.Tensor | None = None
+    per_sample_loss: torch.Tensor | None = None
+    norms: torch.Tensor | None = None  # manual optimization only: layer norms read at the first step
+
+
+@dataclass
+class _PendingSpike:
+    """A flagged batch whose event is completed in ``on_train_batch_end`` (when outputs are known)."""
+
+    record: _Batch
+    context: SpikeContext
+    signals: list[str] = field(default_factory=list)
+
+
+def _safely(part: str):
+    """Run a hook body so that no exception reaches the fit loop; a failure disables ``part``."""
+
+    def decorate(hook: Callable) -> Callable:
+        @functools.wraps(hook)
+        def guarded(self: _SpikeWatchHooks, *args: Any, **kwargs: Any) -> Any:
+            if part in self._disabled:
+                return None
+            try:
+                return hook(self, *args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - the user's run must never die of a SpikeWatch bug
+                self._disable(part, err)
+                return None
+
+        return guarded
+
+    return decorate
+
+
+class _SpikeWatchHooks:
+    """Explain loss spikes: detect them with a robust z-score and name their most likely cause.
+
+    Add it to any Trainer; the LightningModule needs no change. Each spike is announced in one
+    line, a summary with advice is printed when fit ends, and ``<log_dir>/spikes.jsonl``,
+    ``steps.csv`` and ``summary.json`` are written as the run goes.
+
+    Args:
+        log_dir: where to write the exports. Default: ``spikewatch/`` under the trainer's log dir
+            when it has a logger, else under ``default_root_dir`` (the working directory unless set).
+        window: number of recent batches a loss is compared with.
+        warmup: batches seen before any spike is flagged (non-finite values are always flagged).
+        z_threshold: robust z-score above which a loss is a spike (only upward counts).
+        min_rel_spread: floor on the spread, as a fraction of the median loss, so that a very
+            flat loss curve does not turn every wiggle into a spike.
+        replay: on a spike, replay the batch on sub-batches (no gradients, all state restored)
+            to find the samples that carry its loss.
+        max_replays: most ``training_step`` calls one spike may cost.
+        index_keys: batch keys (dict keys or attributes) holding dataset indices, used to name
+            outlier samples.
+        trace_every: write every n-th batch to ``steps.csv`` (spikes always); 0 disables the trace.
+        print_spikes: print one line per spike as it is found.
+        print_summary: print the summary when fit ends.
+        batch_size_fn: ``batch -> int`` for batches whose size is not the first dim of their first tensor.
+
+    Raises:
+        ValueError: if an argument is out of range.
+
+    Example::
+
+        >>> from lightning_spikewatch import SpikeWatch
+        >>> watch = SpikeWatch(z_threshold=6.0)
+        >>> watch.spikes
+        []
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike | None = None,
+        *,
+        window: int = 128,
+        warmup: int = 20,
+        z_threshold: float = 6.0,
+        min_rel_spread: float = 0.02,
+        replay: bool = True,
+        max_replays: int = 24,
+        index_keys: Sequence[str] = ("index", "idx", "indices", "sample_index"),
+        trace_every: int = 1,
+        print_spikes: bool = True,
+        print_summary: bool = True,
+        batch_size_fn: Callable[[Any], int] | None = None,
+    ) -> None:
+        _check(isinstance(window, int) and window >= 8, "window", window, "an integer >= 8")
+        _check(isinstance(warmup, int) and 3 <= warmup <= window, "warmup", warmup, f"an integer from 3 to window ({window})")
+        _check(_is_number(z_threshold) and z_threshold > 0, "z_threshold", z_threshold, "a number > 0 (e.g. 6.0)")
+        _check(_is_number(min_rel_spread) and 0 <= min_rel_spread < 1, "min_rel_spread", min_rel_spread, "a number in [0, 1)")
+        _check(isinstance(max_replays, int) and max_replays >= 0, "max_replays", max_replays, "an integer >= 0")
+        _check(isinstance(trace_every, int) and trace_every >= 0, "trace_every", trace_every, "an integer >= 0 (0 disables)")
+        _check(
+            not isinstance(index_keys, str) and all(isinstance(k, str) for k in index_keys),
+            "index_keys",
+            index_keys,
+            "a list of strings such as ['index', 'idx']",
+        )
+        _check(batch_size_fn is None or callable(batch_size_fn), "batch_size_fn", batch_size_fn, "a callable or None")
+        for name, value in (("replay", replay), ("print_spikes", print_spikes), ("print_summary", print_summary)):
+            _check(isinstance(value, bool), name, value, "True or False")
+        _check(log_dir is None or isinstance(log_dir, (str, os.PathLike)), "log_dir", log_dir, "a path or None")
+        self.log_dir = log_dir
+        self.window = window
+        self.warmup = warmup
+        self.z_threshold = float(z_threshold)
+        self.min_rel_spread = float(min_rel_spread)
+        self.replay = replay
+        self.max_replays = max_replays
+        self.index_keys = tuple(index_keys)
+        self.trace_every = trace_every
+        self.print_spikes = print_spikes
+        self.print_summary = print_summary
+        self.batch_size_fn = batch_size_fn
+        self.spikes: list[SpikeEvent] = []
+        self._disabled: set[str] = set()
+        self._reset_run_state()
+
+    # ------------------------------------------------------------------ run state
+
+    def _reset_run_state(self) -> None:
+        self.detector = SpikeDetector(self.window, self.warmup, self.z_threshold, self.min_rel_spread)
+        self.steps_watched = 0
+        self.batches_watched = 0
+        self.amp_skipped_steps = 0
+        self._grads: GradientReader | None = None
+        self._layer_history: LayerNormHistory | None = None
+        self._lr_history: dict[int, deque[list[float]]] = {}
+        self._records: list[_Batch] = []
+        self._pending: list[_PendingSpike] = []
+        self._sizes: Counter[int] = Counter()
+        self._nominal_batch_size: int | None = None
+        self._dataset_size: int | None = None
+        self._previous_batch_size: int | None = None
+        self._last_loss_z = math.nan
+        self._log: SpikeLog | None = None
+        self._resolved_log_dir: Path | None = None
+        self._finished = False
+        self._manual = False
+        self._console = Console(stderr=False)
+
+    def _disable(self, part: str, err: BaseException) -> None:
+        if part in self._disabled:
+            return
+        self._disabled.add(part)
+        warnings.warn(
+            f"SpikeWatch: its {part!r} part failed ({type(err).__name__}: {err}) and is switched off for the rest of "
+            "this run; training continues unaffected. Please report this message.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def _attempt(self, part: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn``; on failure disable ``part`` once and return None."""
+        if part in self._disabled:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001
+            self._disable(part, err)
+            return None
+
+    # ------------------------------------------------------------------ fit lifecycle
+
+    @_safely("watch")
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._reset_run_state()
+        self.spikes = []
+        self._manual = not pl_module.automatic_optimization
+        self._grads = GradientReader(pl_module.named_parameters())
+        if trainer.is_global_zero:
+            self._attempt("export", self._open_log, trainer)
+
+    def _open_log(self, trainer: Any) -> None:
+        if self.log_dir is not None:
+            directory = Path(self.log_dir)
+        elif trainer.loggers:
+            directory = Path(trainer.log_dir or trainer.default_root_dir) / "spikewatch"
+        else:
+            directory = Path(trainer.default_root_dir) / "spikewatch"
+        self._resolved_log_dir = directory
+        self._log = SpikeLog(directory, append=False, trace=self.trace_every > 0)
+
+    @_safely("watch")
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        loader = trainer.train_dataloader
+        size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+        self._nominal_batch_size = size if isinstance(size, int) and size > 0 else None
+        self._dataset_size = _dataset_length(loader)
+
+    @_safely("watch")
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        leaves = tensor_leaves(batch)
+        size = self.batch_size_fn(batch) if self.batch_size_fn is not None else batch_size_of(leaves)
+        input_max = self._attempt("inputs", input_max_abs, leaves)
+        record = _Batch(
+            batch=batch,
+            batch_idx=batch_idx,
+            step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            size=size,
+            is_last=bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch),
+            leaves=leaves,
+            input_max=input_max,
+        )
+        # Batches that never reach an optimizer step (training_step returned None) must not pile up.
+        limit = max(1, trainer.accumulate_grad_batches)
+        self._records = [*self._records[-(limit - 1) :], record] if limit > 1 else [record]
+
+    @_safely("watch")
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        if not self._records or self._records[-1].loss is not None:
+            return
+        loss = loss.detach().float()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
+        if isinstance(scale, torch.Tensor):  # fp16 AMP hands this hook the already scaled loss
+            loss = loss / scale.to(loss.device)
+        if not self._manual:  # Lightning divides the loss by the accumulation factor before backward
+            loss = loss * trainer.accumulate_grad_batches
+        self._records[-1].loss = loss.reshape(-1).mean()
+
+    @_safely("watch")
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self._record_lr(optimizer)
+        if self._manual:
+            # One read per batch is enough; the detector runs at batch end, when the loss is known.
+            if self._records and self._records[-1].norms is None and self._grads is not None:
+                self._records[-1].norms = self._attempt("grad_norms", self._grads.layer_norms)
+            return
+        norms = self._attempt("grad_norms", self._grads.layer_norms) if self._grads else None
+        records = [r for r in self._records if r.loss is not None]
+        self._records = []
+        if records:
+            self._evaluate(trainer, pl_module, records, norms, optimizer)
+
+    @_safely("watch")
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if isinstance(outputs, Mapping) and isinstance(outputs.get("per_sample_loss"), torch.Tensor):
+            for item in (*self._records, *(p.record for p in self._pending)):
+                if item.batch is batch:
+                    item.per_sample_loss = outputs["per_sample_loss"].detach()
+        if self._manual and self._records:
+            record = self._records.pop()
+            if record.loss is None and isinstance(outputs, Mapping) and isinstance(outputs.get("loss"), torch.Tensor):
+                record.loss = outputs["loss"].detach().float().reshape(-1).mean()
+            if record.loss is not None:
+                optimizer = trainer.optimizers[0] if trainer.optimizers else None
+                self._evaluate(trainer, pl_module, [record], record.norms, optimizer)
+        for pending in self._pending:
+            self._attempt("attribution", self._finish_spike, trainer, pending)
+        self._pending = []
+        if trainer.is_global_zero:
+            self._attempt("loggers", self._log_scalars, trainer)
+
+    @_safely("watch")
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._log is not None:
+            self._attempt("export", self._log.flush_trace)
+
+    @_safely("watch")
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._finish(trainer)
+
+    @_safely("watch")
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._finish(trainer)
+
+    # ------------------------------------------------------------------ per step
+
+    def _record_lr(self, optimizer: Any) -> None:
+        lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        history = self._lr_history.setdefault(id(optimizer), deque(maxlen=3))
+        history.append(lrs)
+
+    def _evaluate(self, trainer: Any, pl_module: Any, records: list[_Batch], norms: Any, optimizer: Any) -> None:
+        """Move this step's scalars to the host in one transfer, run the detector, start attribution."""
+        global_norm = torch.linalg.vector_norm(norms) if norms is not None else None
+        nan = torch.full((), math.nan, device=records[-1].loss.device)
+        scalars = [r.loss for r in records] + [r.input_max if r.input_max is not None else nan for r in records]
+        if global_norm is not None:
+            scalars.append(global_norm)
+        host = torch.stack([s.to(nan.device) for s in scalars]).tolist()  # the one device-to-host transfer
+        losses, input_maxes = host[: len(records)], host[len(records) : 2 * len(records)]
+        grad_norm = host[-1] if global_norm is not None else None
+
+        amp_overflow = grad_norm is not None and not math.isfinite(grad_norm) and self._scaler_active(trainer)
+        if amp_overflow and all(math.isfinite(v) for v in losses):
+            # fp16 AMP: the GradScaler skips this step and lowers its scale; that is routine, not a spike.
+            self.amp_skipped_steps += 1
+            grad_norm = None
+        elif norms is not None and self._layer_history is None:
+            self._layer_history = LayerNormHistory(self.window, norms.numel(), norms.device)
+        if norms is not None and grad_norm is not None and self._layer_history is not None:
+            self._attempt("grad_norms", self._layer_history.record, norms)
+
+        self.steps_watched += 1
+        for i, (record, loss, input_max) in enumerate(zip(records, losses, input_maxes)):
+            is_last = i == len(records) - 1
+            signals = StepSignals(
+                loss=loss,
+                grad_norm=grad_norm if is_last else None,
+                input_max=None if math.isnan(input_max) and record.input_max is None else input_max,
+            )
+            verdict = self.detector.observe(signals)
+            self.batches_watched += 1
+            self._last_loss_z = verdict.loss_z
+            if verdict.is_spike:
+                observed = StepSignals(loss, grad_norm if is_last else None, signals.input_max)
+                self._attempt("attribution", self._start_spike, trainer, pl_module, record, verdict, observed, optimizer, is_last)
+            self._trace(record, verdict, loss, grad_norm if is_last else None, input_max, optimizer)
+            if record.size is not None:
+                self._sizes[record.size] += 1
+                self._previous_batch_size = record.size
+
+    def _scaler_active(self, trainer: Any) -> bool:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return scaler is not None and scaler.is_enabled()
+
+    def _trace(self, record: _Batch, verdict: Verdict, loss: float, grad_norm: float | None, input_max: float, optimizer: Any):
+        if self._log is None or self.trace_every == 0:
+            return
+        if not verdict.is_spike and self.batches_watched % self.trace_every:
+            return
+        history = self._lr_history.get(id(optimizer)) if optimizer is not None else None
+        lr = history[-1][0] if history and history[-1] else None
+        row = (
+            record.step,
+            record.epoch,
+            record.batch_idx,
+            loss,
+            verdict.loss_z,
+            grad_norm,
+            verdict.zscores.get("grad_norm") if grad_norm is not None else None,
+            input_max if math.isfinite(input_max) or record.input_max is not None else None,
+            record.size,
+            lr,
+            int(verdict.is_spike),
+        )
+        self._attempt("export", self._log.write_step, row)
+
+    # ------------------------------------------------------------------ on a spike
+
+    def _start_spike(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        record: _Batch,
+        verdict: Verdict,
+        observed: StepSignals,
+        optimizer: Any,
+        is_stepping_batch: bool,
+    ) -> None:
+        """Gather the evidence that must be read before the optimizer steps (weights, Adam state)."""
+        input_z = verdict.zscores.get("input_max")
+        nominal = self._nominal_batch_size or self._observed_mode_size()
+        indices = dataset_indices(record.batch, self.index_keys, record.size) if record.size else None
+        context = SpikeContext(
+            loss=observed.loss,
+            loss_median=verdict.medians.get("loss", math.nan),
+            loss_z=verdict.loss_z,
+            loss_spread=verdict.loss_spread,
+            z_threshold=self.z_threshold,
+            batch_size=record.size,
+            nominal_batch_size=nominal,
+            previous_batch_size=self._previous_batch_size,
+            is_last_batch=record.is_last,
+            dataset_size=self._dataset_size,
+            input_max=observed.input_max,
+            input_max_median=verdict.medians.get("input_max"),
+            input_max_z=input_z,
+            non_finite=verdict.non_finite,
+        )
+        if input_z is not None and input_z >= self.z_threshold and record.size:
+            position = self._attempt("inputs", largest_input_position, record.leaves, record.size)
+            if position is not None:
+                context.input_max_sample = indices[position] if indices else position
+        if optimizer is not None:
+            history = self._lr_history.get(id(optimizer))
+            if history:
+                context.lr_history = [list(values) for values in zip(*history)]
+            if is_stepping_batch and not self._manual:
+                context.adam = self._attempt("adam", adam_layers, optimizer, self._grads.name_of if self._grads else {})
+        if is_stepping_batch and self._layer_history is not None and self._layer_history.count >= 2:
+            snapshot = self._attempt("grad_norms", self._layer_history.snapshot)
+            if snapshot is not None and self._grads is not None:
+                current, previous, typical = snapshot
+                context.layers = LayerGradients(self._grads.names, current, typical, previous)
+        if record.size:
+            index_tensor = _index_tensor(record.batch, self.index_keys)
+            exclude = [index_tensor] if index_tensor is not None else []
+            context.class_counts = self._attempt("inputs", class_counts, record.leaves, record.size, exclude)
+        if record.per_sample_loss is None and self._can_replay(trainer, record):
+            context.samples = self._attempt("replay", self._replay, trainer, pl_module, record, context.loss, indices)
+        signals = list(verdict.outliers) + [f"non_finite:{name}" for name in verdict.non_finite if name not in verdict.outliers]
+        self._pending.append(_PendingSpike(record, context, signals))
+
+    def _finish_spike(self, trainer: Any, pending: _PendingSpike) -> None:
+        """Complete the evidence with per-sample losses from the outputs, rank the causes, report."""
+        record, context = pending.record, pending.context
+        if record.per_sample_loss is not None and record.size:
+            context.samples = self._attempt("attribution", _samples_from_losses, record, self.index_keys)
+        causes = rank_causes(context)
+        event = SpikeEvent(
+            step=record.step,
+            epoch=record.epoch,
+            batch_idx=record.batch_idx,
+            loss=context.loss,
+            zscore=context.loss_z,
+            signals=pending.signals,
+            causes=causes,
+            rank=trainer.global_rank,
+        )
+        self.spikes.append(event)
+        if self._log is not None:
+            self._attempt("export", self._log.write_spike, event)
+        if self.print_spikes and trainer.is_global_zero:
+            self._attempt("console", self._announce, trainer, report.spike_line(event))
+
+    def _can_replay(self, trainer: Any, record: _Batch) -> bool:
+        if not self.replay or self.max_replays < 2 or self._manual or not record.size or record.size < 2:
+            return False
+        if trainer.world_size > 1 and any("SyncBatchNorm" in type(m).__name__ for m in trainer.lightning_module.modules()):
+            return False  # a replay on one rank would wait forever on SyncBatchNorm's collective
+        return True
+
+    def _replay(self, trainer: Any, pl_module: Any, record: _Batch, loss: float, indices: list[int] | None) -> SampleLosses:
+        size = record.size
+        takes_batch_idx = training_step_takes_batch_idx(pl_module)
+
+        def loss_sum_of(positions: Sequence[int]) -> float | None:
+            sub_batch = slice_batch(record.batch, positions, size)
+            try:
+                with trainer.precision_plugin.train_step_context():
+                    args = (sub_batch, record.batch_idx) if takes_batch_idx else (sub_batch,)
+                    sub_loss = loss_from_output(pl_module.training_step(*args))
+            except Exception:  # noqa: BLE001 - a sub-batch the model cannot take means "cannot split further"
+                return None
+            return None if sub_loss is None else float(sub_loss.float().mean()) * len(positions)
+
+        with preserved_training_state(pl_module):
+            found = find_dominant_samples(loss_sum_of, size, loss * size, TOP_SAMPLES, self.max_replays)
+        top = [
+            SampleLoss(
+                position=group.positions[0],
+                loss=group.loss_sum / len(group.positions),
+                index=indices[group.positions[0]] if indices and len(group.positions) == 1 else None,
+                size=len(group.positions),
+            )
+            for group in found.groups
+        ]
+        return SampleLosses(size, loss * size, top, "replay", found.note)
+
+    def _announce(self, trainer: Any, line: Text) -> None:
+        bar = trainer.progress_bar_callback
+        if bar is not None and type(bar).__name__ != "RichProgressBar":
+            bar.print(line.plain)  # tqdm.write keeps the bar intact
+        else:
+            self._console.print(line, soft_wrap=True)  # one line in a log file, however wide
+
+    def _log_scalars(self, trainer: Any) -> None:
+        if not trainer.loggers or not trainer._logger_connector.should_update_logs:
+            return
+        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        metrics = {"spikewatch/spikes": float(len(self.spikes))}
+        if math.isfinite(self._last_loss_z):
+            metrics["spikewatch/loss_z"] = self._last_loss_z
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    # ------------------------------------------------------------------ end of fit
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and settings of this run, as written to summary.json."""
+        return {
+            "steps_watched": self.steps_watched,
+            "batches_watched": self.batches_watched,
+            "spikes": len(self.spikes),
+            "causes": dict(Counter(event.cause for event in self.spikes).most_common()),
+            "amp_skipped_steps": self.amp_skipped_steps,
+            "disabled": sorted(self._disabled),
+            "settings": {
+                "window": self.window,
+                "warmup": self.warmup,
+                "z_threshold": self.z_threshold,
+                "min_rel_spread": self.min_rel_spread,
+                "replay": self.replay,
+                "max_replays": self.max_replays,
+            },
+            "worst": [e.to_dict() for e in sorted(self.spikes, key=_severity, reverse=True)[:10]],
+        }
+
+    def _finish(self, trainer: Any) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        summary = self.summary()
+        if self._log is not None:
+            self._attempt("export", self._log.write_summary, summary)
+            self._attempt("export", self._log.close)
+        if self.print_summary and trainer.is_global_zero:
+            self._attempt("console", report.print_summary, summary, self.spikes, self._console)
+
+    def _observed_mode_size(self) -> int | None:
+        if sum(self._sizes.values()) < self.warmup:
+            return None
+        return self._sizes.most_common(1)[0][0]
+
+    @property
+    def resolved_log_dir(self) -> Path | None:
+        """The folder the exports went to in the last fit (None before fit or on non-zero ranks)."""
+        return self._resolved_log_dir
+
+
+def _severity(event: SpikeEvent) -> float:
+    return math.inf if math.isnan(event.zscore) else event.zscore
+
+
+def _index_tensor(batch: Any, keys: Sequence[str]) -> torch.Tensor | None:
+    for key in keys:
+        value = batch.get(key) if isinstance(batch, Mapping) else getattr(batch, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def _samples_from_losses(record: _Batch, index_keys: Sequence[str]) -> SampleLosses | None:
+    losses = record.per_sample_loss.float().flatten()
+    if losses.numel() != record.size:
+        return None
+    k = min(TOP_SAMPLES, losses.numel())
+    values, positions = torch.topk(torch.nan_to_num(losses, nan=math.inf), k)
+    host = torch.cat([values, positions.float(), losses.sum().reshape(1)]).tolist()
+    indices = dataset_indices(record.batch, index_keys, record.size)
+    top = [
+        SampleLoss(position=int(p), loss=v, index=indices[int(p)] if indices else None)
+        for v, p in zip(host[:k], host[k : 2 * k])
+    ]
+    return SampleLosses(record.size, host[-1], top, "per_sample_loss")
+
+
+def _dataset_length(loader: Any) -> int | None:
+    for source in (getattr(getattr(loader, "batch_sampler", None), "sampler", None), getattr(loader, "sampler", None)):
+        try:
+            if source is not None:
+                return len(source)
+        except TypeError:
+            pass
+    try:
+        return len(loader.dataset)
+    except (TypeError, AttributeError):
+        return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"SpikeWatch: `{name}={value!r}` is not valid; expected {allowed}.")
+
+
+def _callback_bases() -> tuple[type, ...]:
+    """The Lightning ``Callback`` classes installed: one SpikeWatch class serves both namespaces."""
+    bases = []
+    for module in ("lightning.pytorch", "pytorch_lightning"):
+        try:
+            bases.append(importlib.import_module(module).Callback)
+        except ImportError:
+            continue
+    if not bases:
+        raise ImportError("SpikeWatch needs `lightning` or `pytorch-lightning`: pip install pytorch-lightning")
+    return tuple(bases)
+
+
+class SpikeWatch(_SpikeWatchHooks, *_callback_bases()):
+    __doc__ = _SpikeWatchHooks.__doc__
