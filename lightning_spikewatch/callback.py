@@ -47,6 +47,7 @@ from lightning_spikewatch.signals import (
 )
 
 TOP_SAMPLES = 3
+LR_LOOKBACK = 8  # steps back in which a learning-rate jump can explain a spike
 
 
 @dataclass
@@ -185,6 +186,8 @@ class _SpikeWatchHooks:
         self.steps_watched = 0
         self.batches_watched = 0
         self.amp_skipped_steps = 0
+        self.non_finite_repeats = 0
+        self._non_finite_streak = False
         self._grads: GradientReader | None = None
         self._layer_history: LayerNormHistory | None = None
         self._lr_history: dict[int, deque[list[float]]] = {}
@@ -332,7 +335,7 @@ class _SpikeWatchHooks:
 
     def _record_lr(self, optimizer: Any) -> None:
         lrs = [float(group["lr"]) for group in optimizer.param_groups]
-        history = self._lr_history.setdefault(id(optimizer), deque(maxlen=3))
+        history = self._lr_history.setdefault(id(optimizer), deque(maxlen=LR_LOOKBACK + 1))
         history.append(lrs)
 
     def _evaluate(self, trainer: Any, pl_module: Any, records: list[_Batch], norms: Any, optimizer: Any) -> None:
@@ -367,7 +370,12 @@ class _SpikeWatchHooks:
             verdict = self.detector.observe(signals)
             self.batches_watched += 1
             self._last_loss_z = verdict.loss_z
-            if verdict.is_spike:
+            repeat = bool(verdict.non_finite) and self._non_finite_streak
+            self._non_finite_streak = bool(verdict.non_finite)
+            if repeat:
+                # Once weights are NaN every later loss is too: report the first, count the rest.
+                self.non_finite_repeats += 1
+            elif verdict.is_spike:
                 observed = StepSignals(loss, grad_norm if is_last else None, signals.input_max)
                 self._attempt("attribution", self._start_spike, trainer, pl_module, record, verdict, observed, optimizer, is_last)
             self._trace(record, verdict, loss, grad_norm if is_last else None, input_max, optimizer)
@@ -540,6 +548,7 @@ class _SpikeWatchHooks:
             "spikes": len(self.spikes),
             "causes": dict(Counter(event.cause for event in self.spikes).most_common()),
             "amp_skipped_steps": self.amp_skipped_steps,
+            "non_finite_repeats": self.non_finite_repeats,
             "disabled": sorted(self._disabled),
             "settings": {
                 "window": self.window,

@@ -84,7 +84,7 @@ class SpikeContext:
     input_max_z: float | None = None
     input_max_sample: int | None = None  # dataset index (or batch position) holding the largest input
     non_finite: Sequence[str] = ()
-    lr_history: Sequence[Sequence[float]] = ()  # per param group, oldest first, ending at this step
+    lr_history: Sequence[Sequence[float]] = ()  # per param group, the last few steps, oldest first, ending now
     layers: LayerGradients | None = None
     adam: Sequence[AdamLayer] | None = None
     samples: SampleLosses | None = None
@@ -263,18 +263,16 @@ def layer_gradient(ctx: SpikeContext) -> CauseScore | None:
 def learning_rate(ctx: SpikeContext) -> CauseScore | None:
     best: CauseScore | None = None
     for group, history in enumerate(ctx.lr_history):
-        # Only a jump from one step to the next counts: warm-up ramps grow smoothly.
-        for back in (1, 2):
-            if len(history) < back + 1:
-                continue
+        # Only a jump from one step to the next counts (warm-up ramps grow smoothly); a recent jump
+        # weighs more than one several steps back, where instability had time to build up.
+        for back in range(1, len(history)):
             before, after = history[-back - 1], history[-back]
             if before <= 0 or after / before < 1.3:
                 continue
             jump = after / before
-            score = 0.85 if jump >= 2.0 else 0.5
+            score = (0.85 if jump >= 2.0 else 0.5) * (1.0 if back <= 2 else 0.8)
             if best is None or score > best.score:
-                when = "this step" if back == 1 else "previous step"
-                evidence = {"param_group": group, "lr_before": before, "lr_after": after, "jump": jump, "which": when}
+                evidence = {"param_group": group, "lr_before": before, "lr_after": after, "jump": jump, "steps_before": back - 1}
                 best = CauseScore(Cause.LEARNING_RATE, score, evidence)
     return best
 

@@ -54,6 +54,11 @@ def find_dominant_samples(
     replays, note = 0, None
     while heap and len(found) < top_k:
         negative_sum, positions = heapq.heappop(heap)
+        if found:
+            rest = batch_size - sum(len(g.positions) for g in found)
+            fair_share = (batch_loss_sum - sum(g.loss_sum for g in found)) / max(rest, 1)
+            if -negative_sum - fair_share * len(positions) < 3.0 * fair_share:
+                break  # nothing left stands out: no group carries 3 samples' worth of loss beyond its share
         if len(positions) == 1:
             found.append(SampleGroup(positions, -negative_sum))
             continue

@@ -66,7 +66,8 @@ def describe_evidence(cause: str, evidence: Mapping[str, Any]) -> str:
     if cause == Cause.LAYER_GRADIENT.value:
         return f"{e['layer']}: grad norm {_num(e['ratio'])}x its typical value ({e['which']})"
     if cause == Cause.LEARNING_RATE.value:
-        return f"group {e['param_group']} lr {_num(e['lr_before'])} -> {_num(e['lr_after'])} ({e['which']})"
+        when = "at this step" if e["steps_before"] == 0 else f"{e['steps_before']} step(s) before"
+        return f"group {e['param_group']} lr {_num(e['lr_before'])} -> {_num(e['lr_after'])} {when}"
     if cause == Cause.NON_FINITE.value:
         return "non-finite " + ", ".join(e["non_finite"])
     return f"no single cause; z={_num(e.get('loss_z'))}"
@@ -169,6 +170,10 @@ def summary_renderable(summary: Mapping[str, Any], events: Sequence[SpikeEvent |
         example = next(d for d in dicts if d["cause"] == cause)
         tips.add_row(Text(cause, style=CAUSE_STYLE.get(cause, "")), advice(cause, example["evidence"]))
     parts = [header, table, Text("What to do:", style="bold"), tips]
+    if summary.get("non_finite_repeats"):
+        parts.append(Text(f"The loss stayed non-finite for {summary['non_finite_repeats']} more batch(es) after the first.", style="red"))
+    if summary.get("amp_skipped_steps"):
+        parts.append(Text(f"fp16 GradScaler skipped {summary['amp_skipped_steps']} step(s) on overflow (routine, not spikes)."))
     if summary.get("disabled"):
         parts.append(Text("Signals disabled after an internal error: " + ", ".join(summary["disabled"]), style="yellow"))
     return Panel(Group(*parts), title="SpikeWatch summary", title_align="left")

@@ -1,0 +1,82 @@
+"""The detector on synthetic series: planted spikes found, clean and trending series quiet."""
+
+import math
+
+import numpy as np
+import pytest
+
+from lightning_spikewatch.detector import SpikeDetector, StepSignals
+
+
+def run(series, **kwargs):
+    detector = SpikeDetector(**kwargs)
+    return [i for i, v in enumerate(series) if detector.observe(StepSignals(loss=float(v))).is_spike]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_planted_spikes_are_found_and_nothing_else(seed):
+    rng = np.random.default_rng(seed)
+    series = 1.0 + 0.05 * rng.standard_normal(2000)
+    planted = [300, 901, 1500]
+    for i in planted:
+        series[i] *= 3.0
+    assert run(series) == planted
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_noisy_decreasing_loss_curve_is_quiet(seed):
+    rng = np.random.default_rng(seed)
+    steps = np.arange(5000)
+    curve = 2.0 * np.exp(-steps / 800) + 0.1
+    series = curve * np.exp(0.1 * rng.standard_normal(len(steps)))  # multiplicative noise, like batch losses
+    assert run(series) == []
+
+
+def test_upward_trend_without_jumps_is_quiet():
+    series = np.linspace(1.0, 3.0, 3000) + 0.01 * np.sin(np.arange(3000))
+    assert run(series) == []
+
+
+def test_dips_are_never_spikes():
+    series = np.ones(500)
+    series[200] = 0.01
+    assert run(series) == []
+
+
+def test_nothing_is_flagged_during_warmup_except_non_finite():
+    series = [1.0, 1.0, 1.0, 50.0, 1.0, math.nan]
+    assert run(series, warmup=10) == [5]
+
+
+def test_non_finite_losses_stay_out_of_the_window():
+    detector = SpikeDetector(warmup=3)
+    for v in [1.0, 1.0, math.inf, 1.0, math.nan]:
+        verdict = detector.observe(StepSignals(loss=v))
+    assert verdict.non_finite == ("loss",)
+    assert detector.windows["loss"].values() == [1.0, 1.0, 1.0]
+
+
+def test_other_signals_are_listed_when_they_are_outliers_too():
+    detector = SpikeDetector(warmup=5)
+    for i in range(50):
+        detector.observe(StepSignals(loss=1.0 + 0.01 * (i % 3), grad_norm=0.5 + 0.01 * (i % 5), input_max=3.0))
+    verdict = detector.observe(StepSignals(loss=5.0, grad_norm=50.0, input_max=3.0))
+    assert verdict.is_spike and verdict.outliers == ("loss", "grad_norm")
+    verdict = detector.observe(StepSignals(loss=1.0, grad_norm=50.0, input_max=3.0))
+    assert not verdict.is_spike  # a gradient outlier alone is not a loss spike
+
+
+def test_memory_is_bounded_by_the_window():
+    detector = SpikeDetector(window=64)
+    for i in range(10_000):
+        detector.observe(StepSignals(loss=1.0 + (i % 7) * 0.01, grad_norm=1.0, input_max=1.0))
+    assert all(len(w) == 64 for w in detector.windows.values())
+
+
+def test_state_round_trip_continues_without_second_warmup():
+    detector = SpikeDetector(warmup=20)
+    for _ in range(30):
+        detector.observe(StepSignals(loss=1.0))
+    resumed = SpikeDetector(warmup=20)
+    resumed.load_state_dict(detector.state_dict())
+    assert resumed.observe(StepSignals(loss=10.0)).is_spike

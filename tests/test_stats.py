@@ -1,0 +1,65 @@
+"""Robust statistics: exact median/MAD against a reference, the spread floor, bounded windows."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_spikewatch.stats import MAD_TO_SIGMA, RobustWindow, mad_of_sorted, median_of_sorted, robust_z
+
+finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
+
+
+@given(st.lists(finite, min_size=1, max_size=60))
+def test_median_and_mad_match_numpy(values):
+    ordered = sorted(values)
+    median = float(np.median(ordered))
+    assert median_of_sorted(ordered) == pytest.approx(median, rel=1e-12, abs=1e-9)
+    assert mad_of_sorted(ordered) == pytest.approx(float(np.median(np.abs(np.array(ordered) - median))), rel=1e-9, abs=1e-9)
+
+
+@settings(max_examples=50)
+@given(st.lists(st.one_of(finite, st.just(math.nan), st.just(math.inf)), min_size=1, max_size=300), st.integers(3, 40))
+def test_window_keeps_the_last_finite_values_and_scores_like_a_reference(values, size):
+    window = RobustWindow(size, min_rel_spread=0.02)
+    for value in values:
+        window.push(value)
+    kept = [v for v in values if math.isfinite(v)][-size:]
+    assert window.values() == kept
+    assert len(window) <= size
+    if kept:
+        median = float(np.median(kept))
+        mad = float(np.median(np.abs(np.array(kept) - median)))
+        spread = max(mad, 0.02 * abs(median), window.min_abs_spread)
+        expected = (median + 5.0 - median) / (MAD_TO_SIGMA * spread)
+        z = window.zscore(median + 5.0)
+        assert not math.isnan(z)
+        assert z == pytest.approx(expected, rel=1e-6)
+
+
+def test_flat_history_does_not_make_every_wiggle_a_spike():
+    window = RobustWindow(64, min_rel_spread=0.02)
+    window.extend([1.0] * 64)  # MAD is exactly 0
+    assert window.mad() == 0.0
+    assert window.zscore(1.05) < 6  # 5% above a flat loss is not a spike
+    assert window.zscore(1.5) > 6  # 50% above it is
+
+
+def test_robust_z_is_one_sided_in_sign():
+    assert robust_z(0.0, 1.0, 0.1, 0.0, 1e-12) < 0
+    assert robust_z(2.0, 1.0, 0.1, 0.0, 1e-12) == pytest.approx(1.0 / (MAD_TO_SIGMA * 0.1))
+
+
+def test_window_rejects_tiny_sizes():
+    with pytest.raises(ValueError, match="at least 3"):
+        RobustWindow(2)
+
+
+def test_state_round_trip():
+    window = RobustWindow(8)
+    window.extend(range(20))
+    clone = RobustWindow(8)
+    clone.load_state_dict(window.state_dict())
+    assert clone.values() == window.values() and clone.mad() == window.mad()
