@@ -460,6 +460,10 @@ class _SpikeWatchHooks:
             index_tensor = _index_tensor(record.batch, self.index_keys)
             exclude = [index_tensor] if index_tensor is not None else []
             context.class_counts = self._attempt("inputs", class_counts, record.leaves, record.size, exclude)
+            context.has_integer_targets = any(
+                not leaf.is_floating_point() and leaf.ndim > 0 and leaf.shape[0] == record.size and leaf is not index_tensor
+                for leaf in record.leaves
+            )
         if record.per_sample_loss is None and self._can_replay(trainer, record):
             context.samples = self._attempt("replay", self._replay, trainer, pl_module, record, context.loss, indices)
         signals = list(verdict.outliers) + [f"non_finite:{name}" for name in verdict.non_finite if name not in verdict.outliers]

@@ -89,6 +89,7 @@ class SpikeContext:
     adam: Sequence[AdamLayer] | None = None
     samples: SampleLosses | None = None
     class_counts: dict[int, int] | None = None
+    has_integer_targets: bool | None = None  # False: only floating tensors, so not a log-likelihood over labels
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -179,6 +180,8 @@ def log_zero(ctx: SpikeContext) -> CauseScore | None:
     def in_log_zero_range(loss: float) -> bool:
         return LOG_ZERO_MIN_NATS <= loss <= LOG_ZERO_MAX_NATS
 
+    if ctx.has_integer_targets is False:
+        return None  # a regression loss can land in the same range without any probability near 0
     samples = ctx.samples
     if samples is not None and samples.top and samples.top[0].size == 1:
         top = samples.top[0]

@@ -86,6 +86,12 @@ def test_huge_regression_loss_is_not_log_zero():
     assert top(ctx) is Cause.OUTLIER_SAMPLE
 
 
+def test_regression_batches_are_never_log_zero():
+    losses = [0.1] * 31 + [16.1]
+    ctx = context(loss=sum(losses) / 32, loss_median=0.1, samples=samples(losses), has_integer_targets=False)
+    assert top(ctx) is Cause.OUTLIER_SAMPLE
+
+
 def test_log_zero_from_the_batch_loss_alone():
     assert top(context(loss=18.4, loss_median=0.3)) is Cause.LOG_ZERO
 

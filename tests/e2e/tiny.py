@@ -147,12 +147,20 @@ class CollapseAdamSecondMoment(pl.Callback):
             state["exp_avg_sq"].mul_(self.factor)
 
 
+def seeded(factory: Any, *args: Any, seed: int = 0, **kwargs: Any) -> Any:
+    """Build ``factory(*args, **kwargs)`` right after seeding every RNG, so runs are repeatable."""
+    pl.seed_everything(seed, verbose=False)
+    return factory(*args, **kwargs)
+
+
 def loader(data: Dataset, batch_size: int = BATCH, **kwargs: Any) -> DataLoader:
-    return DataLoader(data, batch_size=batch_size, shuffle=False, **kwargs)
+    kwargs.setdefault("shuffle", False)
+    return DataLoader(data, batch_size=batch_size, **kwargs)
 
 
 def fit(model: pl.LightningModule, data: Any, callbacks: list, trainer_module: Any = pl, **trainer_kwargs: Any):
-    """A quiet CPU fit; ``data`` is a Dataset or a DataLoader."""
+    """A quiet CPU fit; ``data`` is a Dataset or a DataLoader. The model is built by the caller, so
+    callers seed before building it (``seeded``)."""
     settings = dict(
         max_epochs=1,
         logger=False,
