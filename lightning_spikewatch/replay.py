@@ -43,14 +43,16 @@ def find_dominant_samples(
     max_replays: int = 24,
 ) -> DominantSamples:
     """Best-first bisection: always split the group carrying the most loss, until ``top_k`` single
-    samples are isolated or the replay budget is spent.
+    samples are isolated, nothing left stands out, or the replay budget is spent.
 
     ``loss_sum_of(positions)`` returns the summed loss of those samples (None if that sub-batch
-    cannot be evaluated, e.g. BatchNorm with one sample). One sample among ``n`` costs about
-    ``2 * log2(n)`` replays.
+    cannot be evaluated, e.g. BatchNorm in training mode with one sample). One sample among ``n``
+    costs about ``2 * log2(n)`` replays. When a half cannot be evaluated alone, it is evaluated
+    together with a sample from the quietest group seen so far, whose typical loss is subtracted.
     """
     heap: list[tuple[float, tuple[int, ...]]] = [(-batch_loss_sum, tuple(range(batch_size)))]
     found: list[SampleGroup] = []
+    quietest: tuple[float, tuple[int, ...]] | None = None  # (mean loss per sample, positions)
     replays, note = 0, None
     while heap and len(found) < top_k:
         negative_sum, positions = heapq.heappop(heap)
@@ -63,19 +65,28 @@ def find_dominant_samples(
             found.append(SampleGroup(positions, -negative_sum))
             continue
         if replays + 2 > max_replays:
-            note = note or f"replay budget of {max_replays} spent; smallest group has {len(positions)} samples"
+            note = note or f"replay budget of {max_replays} spent before a single sample was isolated"
             found.append(SampleGroup(positions, -negative_sum))
             continue
         middle = len(positions) // 2
         halves = (positions[:middle], positions[middle:])
         sums = [loss_sum_of(half) for half in halves]
         replays += 2
+        if any(s is None for s in sums) and quietest is not None and replays + 2 <= max_replays:
+            reference_mean, reference = quietest
+            helper = next((p for p in reference if p not in positions), None)
+            if helper is not None:
+                padded = [loss_sum_of((*half, helper)) for half in halves]
+                replays += 2
+                sums = [None if s is None else s - reference_mean for s in padded]
         if any(s is None for s in sums):
             note = note or f"the batch could not be split below {len(positions)} samples"
             found.append(SampleGroup(positions, -negative_sum))
             continue
         for half, loss_sum in zip(halves, sums):
             heapq.heappush(heap, (-loss_sum, half))
+            if quietest is None or loss_sum / len(half) < quietest[0]:
+                quietest = (loss_sum / len(half), half)
     found.sort(key=lambda group: -group.loss_sum)
     return DominantSamples(found, replays, note)
 

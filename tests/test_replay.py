@@ -41,13 +41,23 @@ def test_several_outliers_are_found_largest_first():
     assert [g.positions for g in found.groups[:2]] == [(20,), (3,)]
 
 
+def test_a_sample_that_cannot_be_replayed_alone_is_paired_with_a_quiet_one():
+    losses = [1.0] * 16
+    losses[9] = 50.0
+    loss_sum_of, calls = evaluator(losses, unsplittable_below=2)  # e.g. BatchNorm refuses one sample
+    found = find_dominant_samples(loss_sum_of, 16, sum(losses))
+    assert found.groups[0].positions == (9,)
+    assert found.groups[0].loss_sum == pytest.approx(50.0)
+    assert any(len(c) == 2 and 9 in c and 8 not in c for c in calls)
+
+
 def test_a_batch_that_cannot_be_split_is_reported_not_crashed_on():
     losses = [1.0] * 16
     losses[9] = 50.0
-    loss_sum_of, _ = evaluator(losses, unsplittable_below=2)  # e.g. BatchNorm refuses one sample
+    loss_sum_of, _ = evaluator(losses, unsplittable_below=20)  # no sub-batch at all can be evaluated
     found = find_dominant_samples(loss_sum_of, 16, sum(losses))
-    assert found.groups[0].positions == (8, 9)
-    assert "could not be split below 2" in found.note
+    assert found.groups[0].positions == tuple(range(16))
+    assert "could not be split below 16" in found.note
 
 
 def test_the_replay_budget_is_respected():

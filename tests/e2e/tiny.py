@@ -57,81 +57,89 @@ def position(batch_idx: int, within: int = 5) -> int:
     return batch_idx * BATCH + within
 
 
-class TinyNet(pl.LightningModule):
-    """MLP 14 -> 32 -> 16 -> out; MSE for regression, cross-entropy for classification.
+def tiny_net_class(base: type) -> type:
+    """The TinyNet model on either namespace's LightningModule."""
 
-    ``loss="log_prob"`` computes -log(softmax) by hand with a clamp, as code that takes the log
-    of probabilities does. ``per_sample=True`` returns ``per_sample_loss`` next to the loss.
-    """
+    class TinyNet(base):
+        """MLP 14 -> 32 -> 16 -> out; MSE for regression, cross-entropy for classification.
 
-    def __init__(
-        self,
-        task: str = "regression",
-        optimizer: str = "adam",
-        lr: float = 1e-3,
-        loss: str = "standard",
-        per_sample: bool = False,
-        lr_jump: tuple[int, float] | None = None,
-        grad_blowup: tuple[int, str, float] | None = None,
-        dropout: float = 0.0,
-        batchnorm: bool = False,
-        metric: bool = False,
-    ):
-        super().__init__()
-        self.task, self.optimizer_name, self.lr, self.loss_kind = task, optimizer, lr, loss
-        self.per_sample, self.lr_jump, self.grad_blowup = per_sample, lr_jump, grad_blowup
-        out = 4 if task == "regression" else 2
-        layers: list[nn.Module] = [nn.Linear(14, 32)]
-        if batchnorm:
-            layers.append(nn.BatchNorm1d(32))
-        layers += [nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, out)]
-        self.net = nn.Sequential(*layers)
-        self.metric = None
-        if metric:
-            import torchmetrics
+        ``loss="log_prob"`` computes -log(softmax) by hand with a clamp, as code that takes the log
+        of probabilities does. ``per_sample=True`` returns ``per_sample_loss`` next to the loss.
+        """
 
-            self.metric = torchmetrics.MeanMetric()
+        def __init__(
+            self,
+            task: str = "regression",
+            optimizer: str = "adam",
+            lr: float = 1e-3,
+            loss: str = "standard",
+            per_sample: bool = False,
+            lr_jump: tuple[int, float] | None = None,
+            grad_blowup: tuple[int, str, float] | None = None,
+            dropout: float = 0.0,
+            batchnorm: bool = False,
+            metric: bool = False,
+        ):
+            super().__init__()
+            self.task, self.optimizer_name, self.lr, self.loss_kind = task, optimizer, lr, loss
+            self.per_sample, self.lr_jump, self.grad_blowup = per_sample, lr_jump, grad_blowup
+            out = 4 if task == "regression" else 2
+            layers: list[nn.Module] = [nn.Linear(14, 32)]
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(32))
+            layers += [nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, out)]
+            self.net = nn.Sequential(*layers)
+            self.metric = None
+            if metric:
+                import torchmetrics
 
-    def per_sample_losses(self, batch: dict[str, Any]) -> torch.Tensor:
-        out = self.net(batch["x"])
-        if self.task == "regression":
-            return F.mse_loss(out, batch["y"], reduction="none").mean(dim=1)
-        if self.loss_kind == "log_prob":
-            probs = out.softmax(dim=1).gather(1, batch["y"][:, None]).squeeze(1)
-            return -torch.log(probs.clamp_min(1e-12))
-        return F.cross_entropy(out, batch["y"], reduction="none")
+                self.metric = torchmetrics.MeanMetric()
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int):
-        if self.grad_blowup is not None and self.global_step == self.grad_blowup[0] and torch.is_grad_enabled():
-            _, layer, factor = self.grad_blowup
-            fired = []  # one backward pass only: the hook stays registered but does nothing afterwards
+        def per_sample_losses(self, batch: dict[str, Any]) -> torch.Tensor:
+            out = self.net(batch["x"])
+            if self.task == "regression":
+                return F.mse_loss(out, batch["y"], reduction="none").mean(dim=1)
+            if self.loss_kind == "log_prob":
+                probs = out.softmax(dim=1).gather(1, batch["y"][:, None]).squeeze(1)
+                return -torch.log(probs.clamp_min(1e-12))
+            return F.cross_entropy(out, batch["y"], reduction="none")
 
-            def blow_up(grad: torch.Tensor) -> torch.Tensor:
-                if fired:
-                    return grad
-                fired.append(True)
-                return grad * factor
+        def training_step(self, batch: dict[str, Any], batch_idx: int):
+            if self.grad_blowup is not None and self.global_step == self.grad_blowup[0] and torch.is_grad_enabled():
+                _, layer, factor = self.grad_blowup
+                fired = []  # one backward pass only: the hook stays registered but does nothing afterwards
 
-            self.get_parameter(layer).register_hook(blow_up)
-        losses = self.per_sample_losses(batch)
-        loss = losses.mean()
-        self.log("train_loss", loss)
-        if self.metric is not None:
-            self.metric.update(losses)
-        if self.per_sample:
-            return {"loss": loss, "per_sample_loss": losses.detach()}
-        return loss
+                def blow_up(grad: torch.Tensor) -> torch.Tensor:
+                    if fired:
+                        return grad
+                    fired.append(True)
+                    return grad * factor
 
-    def configure_optimizers(self):
-        if self.optimizer_name == "adam":
-            optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
-        else:
-            optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
-        if self.lr_jump is None:
-            return optimizer
-        at, factor = self.lr_jump
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor if step >= at else 1.0)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+                self.get_parameter(layer).register_hook(blow_up)
+            losses = self.per_sample_losses(batch)
+            loss = losses.mean()
+            self.log("train_loss", loss)
+            if self.metric is not None:
+                self.metric.update(losses)
+            if self.per_sample:
+                return {"loss": loss, "per_sample_loss": losses.detach()}
+            return loss
+
+        def configure_optimizers(self):
+            if self.optimizer_name == "adam":
+                optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+            else:
+                optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+            if self.lr_jump is None:
+                return optimizer
+            at, factor = self.lr_jump
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor if step >= at else 1.0)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    return TinyNet
+
+
+TinyNet = tiny_net_class(pl.LightningModule)
 
 
 class CollapseAdamSecondMoment(pl.Callback):

@@ -1,0 +1,201 @@
+"""SpikeWatch in the ways people run Lightning: both namespaces, accumulation, manual optimization,
+mixed precision, loggers, exports, console output, and internal failures that must not stop a run."""
+
+import csv
+import json
+import warnings
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import lightning.pytorch as pl
+from lightning_spikewatch import SpikeWatch
+from tests.e2e.tiny import BATCH, TinyNet, fit, position, regression_data, seeded, tiny_net_class
+
+
+def watch(tmp_path, **kwargs) -> SpikeWatch:
+    kwargs.setdefault("print_spikes", False)
+    kwargs.setdefault("print_summary", False)
+    return SpikeWatch(log_dir=tmp_path, **kwargs)
+
+
+def outlier_data(batch_idx=40):
+    data = regression_data()
+    data.y[position(batch_idx)] += 30.0
+    return data
+
+
+def assert_outlier_found(w, batch_idx=40):
+    assert [(e.batch_idx, e.cause) for e in w.spikes] == [(batch_idx, "outlier_sample")]
+    assert w.spikes[0].evidence["samples"][0]["index"] == position(batch_idx)
+
+
+def test_one_class_is_a_callback_of_both_namespaces():
+    import pytorch_lightning
+
+    assert issubclass(SpikeWatch, pl.Callback) and issubclass(SpikeWatch, pytorch_lightning.Callback)
+
+
+def test_pytorch_lightning_trainer(tmp_path):
+    import pytorch_lightning
+
+    w = watch(tmp_path)
+    model = seeded(tiny_net_class(pytorch_lightning.LightningModule))
+    fit(model, outlier_data(), [w], trainer_module=pytorch_lightning)
+    assert_outlier_found(w)
+
+
+def test_lightning_pytorch_trainer(tmp_path):
+    w = watch(tmp_path)
+    fit(seeded(TinyNet), outlier_data(), [w])
+    assert_outlier_found(w)
+
+
+def test_gradient_accumulation_reports_the_micro_batch_and_its_undivided_loss(tmp_path):
+    w = watch(tmp_path)
+    trainer = fit(seeded(TinyNet), outlier_data(41), [w], accumulate_grad_batches=2)
+    assert_outlier_found(w, 41)
+    event = w.spikes[0]
+    assert event.step == 20 and trainer.global_step == 30
+    assert event.loss > 20  # the raw batch loss, not divided by the accumulation factor
+    assert w.steps_watched == 30 and w.batches_watched == 60
+
+
+def test_bf16_mixed_precision(tmp_path):
+    w = watch(tmp_path)
+    fit(seeded(TinyNet), outlier_data(), [w], precision="bf16-mixed")
+    assert_outlier_found(w)
+
+
+class TwoOptimizers(TinyNet):
+    """Manual optimization with one optimizer per half of the network."""
+
+    def __init__(self):
+        super().__init__(per_sample=True)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        losses = self.per_sample_losses(batch)
+        loss = losses.mean()
+        first, second = self.optimizers()
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        second.step()
+        return {"loss": loss.detach(), "per_sample_loss": losses.detach()}
+
+    def configure_optimizers(self):
+        params = list(self.net.parameters())
+        return torch.optim.Adam(params[:2], lr=1e-3), torch.optim.SGD(params[2:], lr=1e-2)
+
+
+def test_manual_optimization_with_two_optimizers(tmp_path):
+    w = watch(tmp_path)
+    fit(seeded(TwoOptimizers), outlier_data(), [w])
+    assert_outlier_found(w)
+    assert w.spikes[0].step == 80  # two optimizer steps per batch
+
+
+def test_exports_match_the_events_and_loggers_get_the_scalars(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    w = SpikeWatch(print_spikes=False, print_summary=False)  # default log_dir: under the logger's folder
+    logger = CSVLogger(tmp_path)
+    fit(seeded(TinyNet), outlier_data(), [w], logger=logger, log_every_n_steps=10)
+    folder = tmp_path / "lightning_logs" / "version_0" / "spikewatch"
+    assert w.resolved_log_dir == folder
+    lines = [json.loads(line) for line in (folder / "spikes.jsonl").read_text().splitlines()]
+    assert lines == [e.to_dict() for e in w.spikes]
+    rows = list(csv.DictReader((folder / "steps.csv").open()))
+    assert len(rows) == 60 and [r["spike"] for r in rows].count("1") == 1
+    assert rows[40]["batch_size"] == str(BATCH) and float(rows[40]["loss"]) == pytest.approx(w.spikes[0].loss, rel=1e-5)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["spikes"] == 1 and summary["causes"] == {"outlier_sample": 1}
+    metrics = list(csv.DictReader((tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open()))
+    spike_counts = [float(r["spikewatch/spikes"]) for r in metrics if r.get("spikewatch/spikes")]
+    assert spike_counts[0] == 0 and spike_counts[-1] == 1
+    assert any(r.get("spikewatch/loss_z") for r in metrics)
+
+
+def test_trace_can_be_thinned_or_disabled(tmp_path):
+    thin = watch(tmp_path / "thin", trace_every=10)
+    fit(seeded(TinyNet), outlier_data(45), [thin])
+    rows = list(csv.DictReader((tmp_path / "thin" / "steps.csv").open()))
+    assert [int(r["batch_idx"]) for r in rows] == [9, 19, 29, 39, 45, 49, 59]  # every 10th, plus the spike
+    off = watch(tmp_path / "off", trace_every=0)
+    fit(seeded(TinyNet), outlier_data(), [off])
+    assert not (tmp_path / "off" / "steps.csv").exists() and len(off.spikes) == 1
+
+
+def test_console_shows_one_line_per_spike_and_the_summary(tmp_path, capsys):
+    w = watch(tmp_path, print_spikes=True, print_summary=True)
+    fit(seeded(TinyNet), outlier_data(), [w])
+    out = capsys.readouterr().out
+    spike_lines = [line for line in out.splitlines() if line.startswith("SpikeWatch step")]
+    assert len(spike_lines) == 1 and "outlier_sample" in spike_lines[0] and f"#{position(40)}" in spike_lines[0]
+    assert "SpikeWatch summary" in out and "What to do" in out
+
+
+def test_spike_line_goes_through_the_tqdm_progress_bar(tmp_path, capsys):
+    w = watch(tmp_path, print_spikes=True)
+    fit(seeded(TinyNet), outlier_data(), [w], enable_progress_bar=True)
+    captured = capsys.readouterr()
+    assert any(line.startswith("SpikeWatch step 40") for line in (captured.out + captured.err).splitlines())
+
+
+def test_internal_failure_disables_only_that_part_with_one_warning(tmp_path, monkeypatch):
+    import lightning_spikewatch.callback as callback_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(callback_module, "find_dominant_samples", broken)
+    data = outlier_data(30)
+    data.y[position(45)] += 30.0
+    w = watch(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(seeded(TinyNet), data, [w])
+    ours = [str(c.message) for c in caught if "SpikeWatch" in str(c.message)]
+    assert len(ours) == 1 and "'replay' part failed" in ours[0] and "training continues" in ours[0]
+    assert trainer.state.finished and trainer.global_step == 60
+    assert [e.batch_idx for e in w.spikes] == [30, 45]  # detection carries on without the replay
+    assert w.summary()["disabled"] == ["replay"]
+
+
+def test_failure_in_a_hook_never_reaches_the_fit_loop(tmp_path, monkeypatch):
+    import lightning_spikewatch.callback as callback_module
+
+    monkeypatch.setattr(callback_module, "tensor_leaves", lambda batch: 1 / 0)
+    w = watch(tmp_path)
+    with pytest.warns(RuntimeWarning, match="'watch' part failed"):
+        trainer = fit(seeded(TinyNet), outlier_data(), [w])
+    assert trainer.global_step == 60 and w.spikes == []
+
+
+def test_unwritable_log_dir_warns_once_and_training_continues(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    w = watch(blocker / "spikewatch")
+    with pytest.warns(RuntimeWarning, match="'export' part failed"):
+        trainer = fit(seeded(TinyNet), outlier_data(), [w])
+    assert trainer.global_step == 60 and len(w.spikes) == 1
+
+
+def test_validate_and_test_calls_stay_quiet(tmp_path):
+    class WithEval(TinyNet):
+        def validation_step(self, batch, batch_idx):
+            return F.mse_loss(self.net(batch["x"]), batch["y"])
+
+        test_step = validation_step
+
+    w = watch(tmp_path)
+    model = seeded(WithEval)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[w])
+    from tests.e2e.tiny import loader
+
+    trainer.validate(model, loader(outlier_data()))
+    trainer.test(model, loader(outlier_data()))
+    assert w.spikes == [] and w.steps_watched == 0
