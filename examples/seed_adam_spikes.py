@@ -88,7 +88,9 @@ def run(title: str, *, drop_last: bool, full_batch: bool = False, epochs: int = 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--log-dir", type=Path, default=None, help="where the runs write their logs (./spikewatch_demo)")
+    parser.add_argument(
+        "--log-dir", type=Path, default=None, help="where the runs write their logs (./spikewatch_demo)"
+    )
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)

@@ -44,6 +44,7 @@ from lightning_spikewatch.signals import (
     largest_input_position,
     slice_batch,
     tensor_leaves,
+    without_targets,
 )
 
 TOP_SAMPLES = 3
@@ -61,6 +62,7 @@ class _Batch:
     size: int | None
     is_last: bool
     leaves: list[torch.Tensor]
+    input_leaves: list[torch.Tensor]
     input_max: torch.Tensor | None
     loss: torch.Tensor | None = None
     per_sample_loss: torch.Tensor | None = None
@@ -115,6 +117,8 @@ class _SpikeWatchHooks:
         max_replays: most ``training_step`` calls one spike may cost.
         index_keys: batch keys (dict keys or attributes) holding dataset indices, used to name
             outlier samples.
+        target_keys: dict keys holding targets, left out of the input magnitude (as is the last
+            element of a tuple or list batch).
         trace_every: write every n-th batch to ``steps.csv`` (spikes always); 0 disables the trace.
         print_spikes: print one line per spike as it is found.
         print_summary: print the summary when fit ends.
@@ -142,22 +146,44 @@ class _SpikeWatchHooks:
         replay: bool = True,
         max_replays: int = 24,
         index_keys: Sequence[str] = ("index", "idx", "indices", "sample_index"),
+        target_keys: Sequence[str] = ("y", "target", "targets", "label", "labels"),
         trace_every: int = 1,
         print_spikes: bool = True,
         print_summary: bool = True,
         batch_size_fn: Callable[[Any], int] | None = None,
     ) -> None:
         _check(isinstance(window, int) and window >= 8, "window", window, "an integer >= 8")
-        _check(isinstance(warmup, int) and 3 <= warmup <= window, "warmup", warmup, f"an integer from 3 to window ({window})")
+        _check(
+            isinstance(warmup, int) and 3 <= warmup <= window,
+            "warmup",
+            warmup,
+            f"an integer from 3 to window ({window})",
+        )
         _check(_is_number(z_threshold) and z_threshold > 0, "z_threshold", z_threshold, "a number > 0 (e.g. 6.0)")
-        _check(_is_number(min_rel_spread) and 0 <= min_rel_spread < 1, "min_rel_spread", min_rel_spread, "a number in [0, 1)")
+        _check(
+            _is_number(min_rel_spread) and 0 <= min_rel_spread < 1,
+            "min_rel_spread",
+            min_rel_spread,
+            "a number in [0, 1)",
+        )
         _check(isinstance(max_replays, int) and max_replays >= 0, "max_replays", max_replays, "an integer >= 0")
-        _check(isinstance(trace_every, int) and trace_every >= 0, "trace_every", trace_every, "an integer >= 0 (0 disables)")
+        _check(
+            isinstance(trace_every, int) and trace_every >= 0,
+            "trace_every",
+            trace_every,
+            "an integer >= 0 (0 disables)",
+        )
         _check(
             not isinstance(index_keys, str) and all(isinstance(k, str) for k in index_keys),
             "index_keys",
             index_keys,
             "a list of strings such as ['index', 'idx']",
+        )
+        _check(
+            not isinstance(target_keys, str) and all(isinstance(k, str) for k in target_keys),
+            "target_keys",
+            target_keys,
+            "a list of strings such as ['y', 'target']",
         )
         _check(batch_size_fn is None or callable(batch_size_fn), "batch_size_fn", batch_size_fn, "a callable or None")
         for name, value in (("replay", replay), ("print_spikes", print_spikes), ("print_summary", print_summary)):
@@ -171,6 +197,7 @@ class _SpikeWatchHooks:
         self.replay = replay
         self.max_replays = max_replays
         self.index_keys = tuple(index_keys)
+        self.target_keys = tuple(target_keys)
         self.trace_every = trace_every
         self.print_spikes = print_spikes
         self.print_summary = print_summary
@@ -249,7 +276,9 @@ class _SpikeWatchHooks:
     @_safely("watch")
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         loader = trainer.train_dataloader
-        size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+        size = getattr(loader, "batch_size", None) or getattr(
+            getattr(loader, "batch_sampler", None), "batch_size", None
+        )
         self._nominal_batch_size = size if isinstance(size, int) and size > 0 else None
         self._dataset_size = _dataset_length(loader)
 
@@ -257,7 +286,8 @@ class _SpikeWatchHooks:
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         leaves = tensor_leaves(batch)
         size = self.batch_size_fn(batch) if self.batch_size_fn is not None else batch_size_of(leaves)
-        input_max = self._attempt("inputs", input_max_abs, leaves)
+        input_leaves = tensor_leaves(without_targets(batch, self.target_keys))
+        input_max = self._attempt("inputs", input_max_abs, input_leaves)
         record = _Batch(
             batch=batch,
             batch_idx=batch_idx,
@@ -266,6 +296,7 @@ class _SpikeWatchHooks:
             size=size,
             is_last=bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch),
             leaves=leaves,
+            input_leaves=input_leaves,
             input_max=input_max,
         )
         # Batches that never reach an optimizer step (training_step returned None) must not pile up.
@@ -377,7 +408,9 @@ class _SpikeWatchHooks:
                 self.non_finite_repeats += 1
             elif verdict.is_spike:
                 observed = StepSignals(loss, grad_norm if is_last else None, signals.input_max)
-                self._attempt("attribution", self._start_spike, trainer, pl_module, record, verdict, observed, optimizer, is_last)
+                self._attempt(
+                    "attribution", self._start_spike, trainer, pl_module, record, verdict, observed, optimizer, is_last
+                )
             self._trace(record, verdict, loss, grad_norm if is_last else None, input_max, optimizer)
             if record.size is not None:
                 self._sizes[record.size] += 1
@@ -387,7 +420,9 @@ class _SpikeWatchHooks:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         return scaler is not None and scaler.is_enabled()
 
-    def _trace(self, record: _Batch, verdict: Verdict, loss: float, grad_norm: float | None, input_max: float, optimizer: Any):
+    def _trace(
+        self, record: _Batch, verdict: Verdict, loss: float, grad_norm: float | None, input_max: float, optimizer: Any
+    ):
         if self._log is None or self.trace_every == 0:
             return
         if not verdict.is_spike and self.batches_watched % self.trace_every:
@@ -442,7 +477,7 @@ class _SpikeWatchHooks:
             non_finite=verdict.non_finite,
         )
         if input_z is not None and input_z >= self.z_threshold and record.size:
-            position = self._attempt("inputs", largest_input_position, record.leaves, record.size)
+            position = self._attempt("inputs", largest_input_position, record.input_leaves, record.size)
             if position is not None:
                 context.input_max_sample = indices[position] if indices else position
         if optimizer is not None:
@@ -461,12 +496,17 @@ class _SpikeWatchHooks:
             exclude = [index_tensor] if index_tensor is not None else []
             context.class_counts = self._attempt("inputs", class_counts, record.leaves, record.size, exclude)
             context.has_integer_targets = any(
-                not leaf.is_floating_point() and leaf.ndim > 0 and leaf.shape[0] == record.size and leaf is not index_tensor
+                not leaf.is_floating_point()
+                and leaf.ndim > 0
+                and leaf.shape[0] == record.size
+                and leaf is not index_tensor
                 for leaf in record.leaves
             )
         if record.per_sample_loss is None and self._can_replay(trainer, record):
             context.samples = self._attempt("replay", self._replay, trainer, pl_module, record, context.loss, indices)
-        signals = list(verdict.outliers) + [f"non_finite:{name}" for name in verdict.non_finite if name not in verdict.outliers]
+        signals = list(verdict.outliers) + [
+            f"non_finite:{name}" for name in verdict.non_finite if name not in verdict.outliers
+        ]
         self._pending.append(_PendingSpike(record, context, signals))
 
     def _finish_spike(self, trainer: Any, pending: _PendingSpike) -> None:
@@ -494,11 +534,15 @@ class _SpikeWatchHooks:
     def _can_replay(self, trainer: Any, record: _Batch) -> bool:
         if not self.replay or self.max_replays < 2 or self._manual or not record.size or record.size < 2:
             return False
-        if trainer.world_size > 1 and any("SyncBatchNorm" in type(m).__name__ for m in trainer.lightning_module.modules()):
+        if trainer.world_size > 1 and any(
+            "SyncBatchNorm" in type(m).__name__ for m in trainer.lightning_module.modules()
+        ):
             return False  # a replay on one rank would wait forever on SyncBatchNorm's collective
         return True
 
-    def _replay(self, trainer: Any, pl_module: Any, record: _Batch, loss: float, indices: list[int] | None) -> SampleLosses:
+    def _replay(
+        self, trainer: Any, pl_module: Any, record: _Batch, loss: float, indices: list[int] | None
+    ) -> SampleLosses:
         size = record.size
         takes_batch_idx = training_step_takes_batch_idx(pl_module)
 

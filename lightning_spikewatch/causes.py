@@ -275,7 +275,13 @@ def learning_rate(ctx: SpikeContext) -> CauseScore | None:
             jump = after / before
             score = (0.85 if jump >= 2.0 else 0.5) * (1.0 if back <= 2 else 0.8)
             if best is None or score > best.score:
-                evidence = {"param_group": group, "lr_before": before, "lr_after": after, "jump": jump, "steps_before": back - 1}
+                evidence = {
+                    "param_group": group,
+                    "lr_before": before,
+                    "lr_after": after,
+                    "jump": jump,
+                    "steps_before": back - 1,
+                }
                 best = CauseScore(Cause.LEARNING_RATE, score, evidence)
     return best
 

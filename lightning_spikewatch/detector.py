@@ -73,7 +73,9 @@ class SpikeDetector:
         medians = {name: self.windows[name].median() for name in read}
         ready = self.warmed_up
         outliers = tuple(
-            name for name, z in zscores.items() if ready and len(self.windows[name]) >= self.warmup and z >= self.z_threshold
+            name
+            for name, z in zscores.items()
+            if ready and len(self.windows[name]) >= self.warmup and z >= self.z_threshold
         )
         is_spike = bool(non_finite) or "loss" in outliers
         loss_window = self.windows["loss"]

@@ -104,7 +104,9 @@ def _snapshot_metric(metric: Any) -> dict[str, Any]:
     for name in metric._defaults:
         value = getattr(metric, name)
         state[name] = value.clone() if isinstance(value, torch.Tensor) else copy.copy(value)
-    extras = {k: copy.copy(getattr(metric, k)) for k in ("_update_count", "_computed", "_forward_cache") if hasattr(metric, k)}
+    extras = {
+        k: copy.copy(getattr(metric, k)) for k in ("_update_count", "_computed", "_forward_cache") if hasattr(metric, k)
+    }
     return {"state": state, "extras": extras}
 
 

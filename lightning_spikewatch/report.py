@@ -56,13 +56,16 @@ def describe_evidence(cause: str, evidence: Mapping[str, Any]) -> str:
         return f"sample {_sample_names(e['samples'])} carries {e['share_of_batch_loss']:.0%} of the batch loss"
     if cause == Cause.LOG_ZERO.value:
         if "samples" in e:
-            return f"sample {_sample_names(e['samples'][:1])}: loss {_num(e['samples'][0]['loss'])} nats, p~{_num(e['probability'], 2)}"
+            first = e["samples"][0]
+            return f"sample {_sample_names([first])}: loss {_num(first['loss'])} nats, p~{_num(e['probability'], 2)}"
         return f"batch loss {_num(e['batch_loss'])} nats, p~{_num(e['probability'], 2)}"
     if cause == Cause.INPUT_SCALE.value:
         where = f", sample {e['sample']}" if e.get("sample") is not None else ""
         return f"input max {_num(e['input_max'])} vs typical {_num(e['typical_input_max'])}{where}"
     if cause == Cause.ADAM_SECOND_MOMENT.value:
-        return f"{e['layer']}: update {_num(e['update_ratio'])}x lr per weight (typical {_num(e['typical_update_ratio'])})"
+        return (
+            f"{e['layer']}: update {_num(e['update_ratio'])}x lr per weight (typical {_num(e['typical_update_ratio'])})"
+        )
     if cause == Cause.LAYER_GRADIENT.value:
         return f"{e['layer']}: grad norm {_num(e['ratio'])}x its typical value ({e['which']})"
     if cause == Cause.LEARNING_RATE.value:
@@ -90,7 +93,8 @@ def advice(cause: str, evidence: Mapping[str, Any] | None = None) -> str:
     if cause == Cause.LOG_ZERO.value:
         return (
             "The model gives the target a probability near 0. Compute the loss from logits "
-            "(F.cross_entropy, BCEWithLogitsLoss, log_softmax) instead of log(probabilities), and check that sample's label."
+            "(F.cross_entropy, BCEWithLogitsLoss, log_softmax) instead of log(probabilities), "
+            "and check that sample's label."
         )
     if cause == Cause.INPUT_SCALE.value:
         return (
@@ -116,7 +120,10 @@ def advice(cause: str, evidence: Mapping[str, Any] | None = None) -> str:
             "NaN/Inf appeared. Run with Trainer(detect_anomaly=True) to find the operation; look for log(0), "
             "division by zero, or fp16 overflow (try precision='bf16-mixed')."
         )
-    return "Ordinary mini-batch noise, usually harmless. A larger batch, a lower learning rate or gradient clipping smooths it."
+    return (
+        "Ordinary mini-batch noise, usually harmless. "
+        "A larger batch, a lower learning rate or gradient clipping smooths it."
+    )
 
 
 def _as_dict(event: SpikeEvent | Mapping[str, Any]) -> Mapping[str, Any]:
@@ -171,13 +178,24 @@ def summary_renderable(summary: Mapping[str, Any], events: Sequence[SpikeEvent |
         tips.add_row(Text(cause, style=CAUSE_STYLE.get(cause, "")), advice(cause, example["evidence"]))
     parts = [header, table, Text("What to do:", style="bold"), tips]
     if summary.get("non_finite_repeats"):
-        parts.append(Text(f"The loss stayed non-finite for {summary['non_finite_repeats']} more batch(es) after the first.", style="red"))
+        parts.append(
+            Text(
+                f"The loss stayed non-finite for {summary['non_finite_repeats']} more batch(es) after the first.",
+                style="red",
+            )
+        )
     if summary.get("amp_skipped_steps"):
-        parts.append(Text(f"fp16 GradScaler skipped {summary['amp_skipped_steps']} step(s) on overflow (routine, not spikes)."))
+        parts.append(
+            Text(f"fp16 GradScaler skipped {summary['amp_skipped_steps']} step(s) on overflow (routine, not spikes).")
+        )
     if summary.get("disabled"):
-        parts.append(Text("Signals disabled after an internal error: " + ", ".join(summary["disabled"]), style="yellow"))
+        parts.append(
+            Text("Signals disabled after an internal error: " + ", ".join(summary["disabled"]), style="yellow")
+        )
     return Panel(Group(*parts), title="SpikeWatch summary", title_align="left")
 
 
-def print_summary(summary: Mapping[str, Any], events: Sequence[SpikeEvent | Mapping[str, Any]], console: Console) -> None:
+def print_summary(
+    summary: Mapping[str, Any], events: Sequence[SpikeEvent | Mapping[str, Any]], console: Console
+) -> None:
     console.print(summary_renderable(summary, events))

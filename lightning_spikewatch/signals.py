@@ -23,6 +23,16 @@ def tensor_leaves(batch: Any) -> list[torch.Tensor]:
     return leaves
 
 
+def without_targets(batch: Any, target_keys: Sequence[str]) -> Any:
+    """The batch minus its targets, for measuring input magnitude: dict entries named like targets
+    are dropped, and so is the last element of a ``(inputs..., target)`` tuple or list."""
+    if isinstance(batch, Mapping):
+        return {k: v for k, v in batch.items() if k not in target_keys}
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and not hasattr(batch, "_fields"):
+        return batch[:-1]
+    return batch
+
+
 def batch_size_of(leaves: Sequence[torch.Tensor]) -> int | None:
     """Size of dim 0 of the first non-scalar tensor (as Lightning does), or None if there is none."""
     for leaf in leaves:

@@ -14,7 +14,9 @@ from lightning_spikewatch.events import Cause
 
 
 def context(**kwargs) -> SpikeContext:
-    base = dict(loss=3.0, loss_median=1.0, loss_z=10.0, loss_spread=0.2, z_threshold=6.0, batch_size=32, nominal_batch_size=32)
+    base = dict(
+        loss=3.0, loss_median=1.0, loss_z=10.0, loss_spread=0.2, z_threshold=6.0, batch_size=32, nominal_batch_size=32
+    )
     base.update(kwargs)
     return SpikeContext(**base)
 

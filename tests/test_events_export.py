@@ -7,7 +7,19 @@ import math
 from lightning_spikewatch.events import Cause, CauseScore, SpikeEvent
 from lightning_spikewatch.export import SpikeLog
 
-SCHEMA = {"step", "epoch", "batch_idx", "loss", "zscore", "signals", "cause", "confidence", "causes", "evidence", "rank"}
+SCHEMA = {
+    "step",
+    "epoch",
+    "batch_idx",
+    "loss",
+    "zscore",
+    "signals",
+    "cause",
+    "confidence",
+    "causes",
+    "evidence",
+    "rank",
+}
 
 
 def event(loss=2.5, z=9.0) -> SpikeEvent:

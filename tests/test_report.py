@@ -11,10 +11,29 @@ def make_event(step, cause, evidence, z=8.0):
 
 
 EVENTS = [
-    make_event(5, Cause.SHORT_BATCH, {"batch_size": 1, "nominal_batch_size": 32, "which": "this batch",
-                                      "last_batch": True, "dataset_size": 993, "dataset_remainder": 1}),
-    make_event(9, Cause.OUTLIER_SAMPLE, {"samples": [{"position": 5, "index": 1234, "loss": 900.0}],
-                                         "batch_size": 32, "share_of_batch_loss": 0.98, "source": "replay"}, z=40.0),
+    make_event(
+        5,
+        Cause.SHORT_BATCH,
+        {
+            "batch_size": 1,
+            "nominal_batch_size": 32,
+            "which": "this batch",
+            "last_batch": True,
+            "dataset_size": 993,
+            "dataset_remainder": 1,
+        },
+    ),
+    make_event(
+        9,
+        Cause.OUTLIER_SAMPLE,
+        {
+            "samples": [{"position": 5, "index": 1234, "loss": 900.0}],
+            "batch_size": 32,
+            "share_of_batch_loss": 0.98,
+            "source": "replay",
+        },
+        z=40.0,
+    ),
 ]
 
 

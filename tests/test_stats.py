@@ -17,7 +17,9 @@ def test_median_and_mad_match_numpy(values):
     ordered = sorted(values)
     median = float(np.median(ordered))
     assert median_of_sorted(ordered) == pytest.approx(median, rel=1e-12, abs=1e-9)
-    assert mad_of_sorted(ordered) == pytest.approx(float(np.median(np.abs(np.array(ordered) - median))), rel=1e-9, abs=1e-9)
+    assert mad_of_sorted(ordered) == pytest.approx(
+        float(np.median(np.abs(np.array(ordered) - median))), rel=1e-9, abs=1e-9
+    )
 
 
 @settings(max_examples=50)

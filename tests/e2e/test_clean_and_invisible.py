@@ -2,11 +2,11 @@
 
 import random
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 
-import lightning.pytorch as pl
 from lightning_spikewatch import SpikeWatch
 from tests.e2e.tiny import TinyNet, classification_data, fit, position, regression_data, seeded
 

@@ -5,11 +5,11 @@ import csv
 import json
 import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch.nn import functional as F
 
-import lightning.pytorch as pl
 from lightning_spikewatch import SpikeWatch
 from tests.e2e.tiny import BATCH, TinyNet, fit, position, regression_data, seeded, tiny_net_class
 

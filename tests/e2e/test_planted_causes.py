@@ -10,12 +10,12 @@ from tests.e2e.tiny import (
     BATCH,
     CollapseAdamSecondMoment,
     TinyNet,
-    seeded,
     classification_data,
     fit,
     loader,
     position,
     regression_data,
+    seeded,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
@@ -41,6 +41,7 @@ def test_corrupted_target_is_attributed_to_outlier_sample_with_its_dataset_index
     assert event.cause == "outlier_sample"
     assert event.evidence["samples"][0]["index"] == position(40)
     assert event.evidence["source"] == ("per_sample_loss" if per_sample else "replay")
+    assert "input_scale" not in [c.cause.value for c in event.causes]  # a bad target is not a bad input
 
 
 def test_confident_wrong_label_with_log_of_probabilities_is_log_zero(tmp_path):
@@ -105,9 +106,8 @@ def test_learning_rate_jump_is_learning_rate(tmp_path):
 
 
 def test_single_sample_last_batch_is_short_batch_and_drop_last_removes_it(tmp_path):
-    import seed_adam_spikes as demo
-
     import lightning.pytorch as pl
+    import seed_adam_spikes as demo
 
     pl.seed_everything(0, verbose=False)
     data = demo.make_dataset()

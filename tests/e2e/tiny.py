@@ -6,12 +6,11 @@ import logging
 import warnings
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
-
-import lightning.pytorch as pl
 
 BATCH = 32
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
