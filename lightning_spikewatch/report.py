@@ -50,8 +50,10 @@ def describe_evidence(cause: str, evidence: Mapping[str, Any]) -> str:
     """The evidence for a cause in a few words."""
     e = evidence
     if cause == Cause.SHORT_BATCH.value:
-        last = ", last of its epoch" if e.get("last_batch") and e["which"] == "this batch" else ""
-        return f"{e['which']}: {e['batch_size']} sample(s) of nominal {e['nominal_batch_size']}{last}"
+        if e["which"] == "this batch":
+            last = " (last of epoch)" if e.get("last_batch") else ""
+            return f"batch of {e['batch_size']}, nominal {e['nominal_batch_size']}{last}"
+        return f"previous batch had {e['batch_size']}, nominal {e['nominal_batch_size']}"
     if cause == Cause.OUTLIER_SAMPLE.value:
         return f"sample {_sample_names(e['samples'])} carries {e['share_of_batch_loss']:.0%} of the batch loss"
     if cause == Cause.LOG_ZERO.value:
