@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
+from rich import get_console
 from rich.text import Text
 
 from lightning_spikewatch import report
@@ -229,7 +229,7 @@ class _SpikeWatchHooks:
         self._resolved_log_dir: Path | None = None
         self._finished = False
         self._manual = False
-        self._console = Console(stderr=False)
+        self._console = get_console()  # the console Lightning's RichProgressBar draws on
 
     def _disable(self, part: str, err: BaseException) -> None:
         if part in self._disabled:

@@ -68,6 +68,17 @@ def test_bf16_mixed_precision(tmp_path):
     assert_outlier_found(w)
 
 
+def test_fp16_with_grad_scaler_reads_the_unscaled_loss(tmp_path):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    w = watch(tmp_path)
+    fit(seeded(TinyNet), outlier_data(), [w], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert_outlier_found(w)
+    rows = list(csv.DictReader((tmp_path / "steps.csv").open()))
+    assert float(rows[0]["loss"]) < 5  # the raw loss, not the loss times the scale of 1024
+
+
 class TwoOptimizers(TinyNet):
     """Manual optimization with one optimizer per half of the network."""
 
