@@ -1,8 +1,9 @@
 """`SpikeWatch`: the thin adapter from Lightning's hooks to the detector, the rules and the exports.
 
-Per step it reads a few device scalars and moves them to the host in one transfer; everything
-costly (layer history, Adam state, replay) happens only when the detector has flagged a spike.
-Every run-time failure is caught, reported once, and switches off only the part that failed.
+Per step it launches one fused norm over the gradients and the batch's floating inputs and moves
+those norms and the loss to the host in one transfer; everything costly (Adam state, replay,
+class counts) happens only when the detector has flagged a spike. Every run-time failure is
+caught, reported once, and switches off only the part that failed.
 """
 
 from __future__ import annotations
@@ -35,38 +36,38 @@ from lightning_spikewatch.replay import (
 )
 from lightning_spikewatch.signals import (
     GradientReader,
-    LayerNormHistory,
     adam_layers,
     batch_size_of,
     class_counts,
     dataset_indices,
-    input_max_abs,
+    fused_norms,
+    input_tensors,
     largest_input_position,
     slice_batch,
     tensor_leaves,
-    without_targets,
+    to_host,
 )
+from lightning_spikewatch.stats import VectorHistory
 
 TOP_SAMPLES = 3
 LR_LOOKBACK = 8  # steps back in which a learning-rate jump can explain a spike
 
 
-@dataclass
+@dataclass(slots=True)
 class _Batch:
-    """What was read from one training batch before its optimizer step."""
+    """One training batch until its optimizer step: references only, read in ``_evaluate``."""
 
     batch: Any
     batch_idx: int
-    step: int
-    epoch: int
-    size: int | None
-    is_last: bool
-    leaves: list[torch.Tensor]
-    input_leaves: list[torch.Tensor]
-    input_max: torch.Tensor | None
+    step: int = 0
+    epoch: int = 0
+    size: int | None = None
+    inputs: list[torch.Tensor] = field(default_factory=list)  # floating input tensors, targets left out
+    input_numel: int = 0
     loss: torch.Tensor | None = None
     per_sample_loss: torch.Tensor | None = None
-    norms: torch.Tensor | None = None  # manual optimization only: layer norms read at the first step
+    layer_norms: tuple[torch.Tensor, ...] | None = None  # manual optimization: read at the first step
+    grad_positions: list[int] | None = None
 
 
 @dataclass
@@ -123,6 +124,10 @@ class _SpikeWatchHooks:
         print_spikes: print one line per spike as it is found.
         print_summary: print the summary when fit ends.
         batch_size_fn: ``batch -> int`` for batches whose size is not the first dim of their first tensor.
+        grad_sample: on the CPU, a gradient with more elements than this is watched through a
+            fixed sample of about this many elements (exact norms are still read on a spike), so
+            that watching does not cost a full pass over every gradient each step. None reads
+            every element. Accelerators always read every element: one fused kernel is cheap there.
 
     Raises:
         ValueError: if an argument is out of range.
@@ -151,6 +156,7 @@ class _SpikeWatchHooks:
         print_spikes: bool = True,
         print_summary: bool = True,
         batch_size_fn: Callable[[Any], int] | None = None,
+        grad_sample: int | None = 65536,
     ) -> None:
         _check(isinstance(window, int) and window >= 8, "window", window, "an integer >= 8")
         _check(
@@ -185,6 +191,13 @@ class _SpikeWatchHooks:
             target_keys,
             "a list of strings such as ['y', 'target']",
         )
+        _check(
+            grad_sample is None
+            or (isinstance(grad_sample, int) and not isinstance(grad_sample, bool) and grad_sample >= 1024),
+            "grad_sample",
+            grad_sample,
+            "None or an integer >= 1024",
+        )
         _check(batch_size_fn is None or callable(batch_size_fn), "batch_size_fn", batch_size_fn, "a callable or None")
         for name, value in (("replay", replay), ("print_spikes", print_spikes), ("print_summary", print_summary)):
             _check(isinstance(value, bool), name, value, "True or False")
@@ -202,6 +215,7 @@ class _SpikeWatchHooks:
         self.print_spikes = print_spikes
         self.print_summary = print_summary
         self.batch_size_fn = batch_size_fn
+        self.grad_sample = grad_sample
         self.spikes: list[SpikeEvent] = []
         self._disabled: set[str] = set()
         self._reset_run_state()
@@ -216,8 +230,8 @@ class _SpikeWatchHooks:
         self.non_finite_repeats = 0
         self._non_finite_streak = False
         self._grads: GradientReader | None = None
-        self._layer_history: LayerNormHistory | None = None
-        self._lr_history: dict[int, deque[list[float]]] = {}
+        self._layer_history: VectorHistory | None = None
+        self._lr_changes: dict[int, deque[tuple[int, list[float]]]] = {}
         self._records: list[_Batch] = []
         self._pending: list[_PendingSpike] = []
         self._sizes: Counter[int] = Counter()
@@ -229,6 +243,8 @@ class _SpikeWatchHooks:
         self._resolved_log_dir: Path | None = None
         self._finished = False
         self._manual = False
+        self._accumulate = 1
+        self._epoch = 0
         self._console = get_console()  # the console Lightning's RichProgressBar draws on
 
     def _disable(self, part: str, err: BaseException) -> None:
@@ -259,7 +275,7 @@ class _SpikeWatchHooks:
         self._reset_run_state()
         self.spikes = []
         self._manual = not pl_module.automatic_optimization
-        self._grads = GradientReader(pl_module.named_parameters())
+        self._grads = GradientReader(pl_module.named_parameters(), self.grad_sample)
         if trainer.is_global_zero:
             self._attempt("export", self._open_log, trainer)
 
@@ -281,72 +297,69 @@ class _SpikeWatchHooks:
         )
         self._nominal_batch_size = size if isinstance(size, int) and size > 0 else None
         self._dataset_size = _dataset_length(loader)
+        self._accumulate = max(1, int(trainer.accumulate_grad_batches))
+
+    @_safely("watch")
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._epoch = trainer.current_epoch
 
     @_safely("watch")
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        leaves = tensor_leaves(batch)
-        size = self.batch_size_fn(batch) if self.batch_size_fn is not None else batch_size_of(leaves)
-        input_leaves = tensor_leaves(without_targets(batch, self.target_keys))
-        input_max = self._attempt("inputs", input_max_abs, input_leaves)
-        record = _Batch(
-            batch=batch,
-            batch_idx=batch_idx,
-            step=trainer.global_step,
-            epoch=trainer.current_epoch,
-            size=size,
-            is_last=bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch),
-            leaves=leaves,
-            input_leaves=input_leaves,
-            input_max=input_max,
-        )
+        records = self._records
         # Batches that never reach an optimizer step (training_step returned None) must not pile up.
-        limit = max(1, trainer.accumulate_grad_batches)
-        self._records = [*self._records[-(limit - 1) :], record] if limit > 1 else [record]
+        if len(records) >= self._accumulate:
+            del records[0]
+        records.append(_Batch(batch, batch_idx, trainer.global_step))
+
+    def _read_batch(self, trainer: Any, record: _Batch) -> None:
+        """Fill in what the batch itself tells (host metadata only, no device work)."""
+        record.epoch = self._epoch
+        record.inputs = input_tensors(record.batch, self.target_keys)
+        record.input_numel = sum(t.numel() for t in record.inputs)
+        if self.batch_size_fn is not None:
+            record.size = self.batch_size_fn(record.batch)
+        else:
+            record.size = batch_size_of(record.inputs) or batch_size_of(tensor_leaves(record.batch))
 
     @_safely("watch")
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
-        if not self._records or self._records[-1].loss is not None:
-            return
-        loss = loss.detach().float()
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
-        if isinstance(scale, torch.Tensor):  # fp16 AMP hands this hook the already scaled loss
-            loss = loss / scale.to(loss.device)
-        if not self._manual:  # Lightning divides the loss by the accumulation factor before backward
-            loss = loss * trainer.accumulate_grad_batches
-        self._records[-1].loss = loss.reshape(-1).mean()
+        if self._records and self._records[-1].loss is None:
+            # Kept as is (detached in the one stack later): scaled under fp16, divided under accumulation.
+            self._records[-1].loss = loss
 
     @_safely("watch")
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        self._record_lr(optimizer)
+        self._record_lr(trainer.global_step, optimizer)
         if self._manual:
-            # One read per batch is enough; the detector runs at batch end, when the loss is known.
-            if self._records and self._records[-1].norms is None and self._grads is not None:
-                self._records[-1].norms = self._attempt("grad_norms", self._grads.layer_norms)
+            # The detector runs at batch end, when the loss is known; one gradient read per batch.
+            record = self._records[-1] if self._records else None
+            if record is not None and record.layer_norms is None and "grad_norms" not in self._disabled:
+                grads, record.grad_positions = self._grads.grads()
+                record.layer_norms = self._attempt("grad_norms", fused_norms, grads)
             return
-        norms = self._attempt("grad_norms", self._grads.layer_norms) if self._grads else None
         records = [r for r in self._records if r.loss is not None]
         self._records = []
         if records:
-            self._evaluate(trainer, pl_module, records, norms, optimizer)
+            self._evaluate(trainer, pl_module, records, optimizer)
 
     @_safely("watch")
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if isinstance(outputs, Mapping) and isinstance(outputs.get("per_sample_loss"), torch.Tensor):
+        if (type(outputs) is dict or isinstance(outputs, Mapping)) and "per_sample_loss" in outputs:
             for item in (*self._records, *(p.record for p in self._pending)):
                 if item.batch is batch:
                     item.per_sample_loss = outputs["per_sample_loss"].detach()
         if self._manual and self._records:
             record = self._records.pop()
             if record.loss is None and isinstance(outputs, Mapping) and isinstance(outputs.get("loss"), torch.Tensor):
-                record.loss = outputs["loss"].detach().float().reshape(-1).mean()
+                record.loss = outputs["loss"].detach()
             if record.loss is not None:
                 optimizer = trainer.optimizers[0] if trainer.optimizers else None
-                self._evaluate(trainer, pl_module, [record], record.norms, optimizer)
-        for pending in self._pending:
-            self._attempt("attribution", self._finish_spike, trainer, pending)
-        self._pending = []
-        if trainer.is_global_zero:
+                self._evaluate(trainer, pl_module, [record], optimizer)
+        if self._pending:
+            for pending in self._pending:
+                self._attempt("attribution", self._finish_spike, trainer, pending)
+            self._pending = []
+        if trainer.loggers and trainer.is_global_zero:
             self._attempt("loggers", self._log_scalars, trainer)
 
     @_safely("watch")
@@ -364,85 +377,131 @@ class _SpikeWatchHooks:
 
     # ------------------------------------------------------------------ per step
 
-    def _record_lr(self, optimizer: Any) -> None:
-        lrs = [float(group["lr"]) for group in optimizer.param_groups]
-        history = self._lr_history.setdefault(id(optimizer), deque(maxlen=LR_LOOKBACK + 1))
-        history.append(lrs)
+    def _record_lr(self, step: int, optimizer: Any) -> None:
+        """Keep the learning rates only when they change: no per-step allocation."""
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        changes = self._lr_changes.get(id(optimizer))
+        if changes is None:
+            changes = self._lr_changes[id(optimizer)] = deque(maxlen=LR_LOOKBACK + 2)
+        if not changes or changes[-1][1] != lrs:
+            changes.append((step, [float(lr) for lr in lrs]))
 
-    def _evaluate(self, trainer: Any, pl_module: Any, records: list[_Batch], norms: Any, optimizer: Any) -> None:
-        """Move this step's scalars to the host in one transfer, run the detector, start attribution."""
-        global_norm = torch.linalg.vector_norm(norms) if norms is not None else None
-        nan = torch.full((), math.nan, device=records[-1].loss.device)
-        scalars = [r.loss for r in records] + [r.input_max if r.input_max is not None else nan for r in records]
-        if global_norm is not None:
-            scalars.append(global_norm)
-        host = torch.stack([s.to(nan.device) for s in scalars]).tolist()  # the one device-to-host transfer
-        losses, input_maxes = host[: len(records)], host[len(records) : 2 * len(records)]
-        grad_norm = host[-1] if global_norm is not None else None
+    def _lr_history(self, optimizer: Any, step: int) -> list[list[float]]:
+        """Per param group, the learning rate of each of the last steps up to ``step``, oldest first."""
+        changes = self._lr_changes.get(id(optimizer))
+        if not changes:
+            return []
+        per_step = []
+        for s in range(step - LR_LOOKBACK, step + 1):
+            earlier = [lrs for at, lrs in changes if at <= s]
+            per_step.append(earlier[-1] if earlier else changes[0][1])
+        return [list(values) for values in zip(*per_step)]
 
-        amp_overflow = grad_norm is not None and not math.isfinite(grad_norm) and self._scaler_active(trainer)
-        if amp_overflow and all(math.isfinite(v) for v in losses):
-            # fp16 AMP: the GradScaler skips this step and lowers its scale; that is routine, not a spike.
-            self.amp_skipped_steps += 1
-            grad_norm = None
-        elif norms is not None and self._layer_history is None:
-            self._layer_history = LayerNormHistory(self.window, norms.numel(), norms.device)
-        if norms is not None and grad_norm is not None and self._layer_history is not None:
-            self._attempt("grad_norms", self._layer_history.record, norms)
+    def _loss_scale(self, trainer: Any) -> torch.Tensor | None:
+        """The fp16 GradScaler's scale, which the loss in ``on_before_backward`` is multiplied by."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = getattr(scaler, "_scale", None)
+        return scale.reshape(()) if isinstance(scale, torch.Tensor) else None
+
+    def _evaluate(self, trainer: Any, pl_module: Any, records: list[_Batch], optimizer: Any) -> None:
+        """One fused norm, one transfer, then the detector on each batch of this optimizer step."""
+        inputs: list[torch.Tensor] = []
+        for record in records:
+            self._read_batch(trainer, record)
+            inputs += record.inputs
+        stepping = records[-1]
+        factors = None
+        if self._manual:
+            grads, positions = [], stepping.grad_positions
+        elif self._grads is not None and "grad_norms" not in self._disabled:
+            grads, positions = self._grads.grads()
+            grads, factors = self._grads.views(grads)
+        else:
+            grads, positions = [], None
+        norms = fused_norms(grads + inputs)
+        layer_norms = stepping.layer_norms if self._manual and stepping.layer_norms is not None else norms[: len(grads)]
+        scale = self._loss_scale(trainer)
+        scalars = [*layer_norms, *norms[len(grads) :], *(r.loss for r in records)]
+        if scale is not None:
+            scalars.append(scale)
+        host = to_host(scalars)  # the one device-to-host transfer of the step
+        n_layers = len(layer_norms)
+        layers, rest = host[:n_layers], host[n_layers:]
+        if factors is not None:  # sampled on the CPU: scale each estimate up to the full tensor
+            layers = [norm * factor for norm, factor in zip(layers, factors)]
+        divisor = rest.pop() if scale is not None else 1.0
+        losses = rest[len(inputs) :]
+        factor = 1 if self._manual else self._accumulate
+        grad_norm = math.hypot(*layers) if n_layers else None
+        if grad_norm is not None and scale is not None and not math.isfinite(grad_norm):
+            if all(math.isfinite(v) for v in losses):
+                # fp16: the GradScaler skips this step and lowers its scale; routine, not a spike.
+                self.amp_skipped_steps += 1
+                grad_norm = None
+        if grad_norm is not None and math.isfinite(grad_norm):
+            if self._layer_history is None:
+                self._layer_history = VectorHistory(self.window)
+            self._layer_history.record(layers if positions is None else self._grads.spread(layers, positions))
 
         self.steps_watched += 1
-        for i, (record, loss, input_max) in enumerate(zip(records, losses, input_maxes)):
-            is_last = i == len(records) - 1
-            signals = StepSignals(
-                loss=loss,
-                grad_norm=grad_norm if is_last else None,
-                input_max=None if math.isnan(input_max) and record.input_max is None else input_max,
-            )
-            verdict = self.detector.observe(signals)
+        changes = self._lr_changes.get(id(optimizer))
+        lr = changes[-1][1][0] if changes and changes[-1][1] else None
+        detector, log, trace_every = self.detector, self._log, self.trace_every
+        offset = 0
+        for record, raw_loss in zip(records, losses):
+            count = len(record.inputs)
+            input_rms = None
+            if record.input_numel:
+                input_rms = math.sqrt(math.fsum(v * v for v in rest[offset : offset + count]) / record.input_numel)
+            offset += count
+            loss = raw_loss * factor / divisor
+            record_grad_norm = grad_norm if record is stepping else None
             self.batches_watched += 1
-            self._last_loss_z = verdict.loss_z
-            repeat = bool(verdict.non_finite) and self._non_finite_streak
-            self._non_finite_streak = bool(verdict.non_finite)
-            if repeat:
-                # Once weights are NaN every later loss is too: report the first, count the rest.
-                self.non_finite_repeats += 1
-            elif verdict.is_spike:
-                observed = StepSignals(loss, grad_norm if is_last else None, signals.input_max)
-                self._attempt(
-                    "attribution", self._start_spike, trainer, pl_module, record, verdict, observed, optimizer, is_last
-                )
-            self._trace(record, verdict, loss, grad_norm if is_last else None, input_max, optimizer)
+            loss_z = detector.observe_quietly(loss, record_grad_norm, input_rms)
+            is_spike = loss_z is None
+            if is_spike:
+                signals = StepSignals(loss, record_grad_norm, input_rms)
+                verdict = detector.observe(signals)
+                loss_z = verdict.loss_z
+                if verdict.is_spike:
+                    self._on_flagged(trainer, pl_module, record, verdict, signals, optimizer, record is stepping)
+                is_spike = verdict.is_spike
+            if not is_spike:
+                self._non_finite_streak = False
+            self._last_loss_z = loss_z
+            if log is not None and trace_every and (is_spike or self.batches_watched % trace_every == 0):
+                try:
+                    log.write_step(
+                        record.step,
+                        record.epoch,
+                        record.batch_idx,
+                        loss,
+                        loss_z,
+                        record_grad_norm,
+                        input_rms,
+                        record.size,
+                        lr,
+                        is_spike,
+                    )
+                except Exception as err:  # noqa: BLE001 - a full disk stops the trace, not the run
+                    self._disable("export", err)
+                    self._log = log = None
             if record.size is not None:
-                self._sizes[record.size] += 1
+                if self._nominal_batch_size is None:
+                    self._sizes[record.size] += 1
                 self._previous_batch_size = record.size
 
-    def _scaler_active(self, trainer: Any) -> bool:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        return scaler is not None and scaler.is_enabled()
-
-    def _trace(
-        self, record: _Batch, verdict: Verdict, loss: float, grad_norm: float | None, input_max: float, optimizer: Any
-    ):
-        if self._log is None or self.trace_every == 0:
-            return
-        if not verdict.is_spike and self.batches_watched % self.trace_every:
-            return
-        history = self._lr_history.get(id(optimizer)) if optimizer is not None else None
-        lr = history[-1][0] if history and history[-1] else None
-        row = (
-            record.step,
-            record.epoch,
-            record.batch_idx,
-            loss,
-            verdict.loss_z,
-            grad_norm,
-            verdict.zscores.get("grad_norm") if grad_norm is not None else None,
-            input_max if math.isfinite(input_max) or record.input_max is not None else None,
-            record.size,
-            lr,
-            int(verdict.is_spike),
-        )
-        self._attempt("export", self._log.write_step, row)
+    def _on_flagged(self, trainer, pl_module, record, verdict, signals, optimizer, is_stepping) -> None:
+        repeat = bool(verdict.non_finite) and self._non_finite_streak
+        self._non_finite_streak = bool(verdict.non_finite)
+        if repeat:
+            # Once weights are NaN every later loss is too: report the first, count the rest.
+            self.non_finite_repeats += 1
+        else:
+            args = (trainer, pl_module, record, verdict, signals, optimizer, is_stepping)
+            self._attempt("attribution", self._start_spike, *args)
 
     # ------------------------------------------------------------------ on a spike
 
@@ -457,7 +516,9 @@ class _SpikeWatchHooks:
         is_stepping_batch: bool,
     ) -> None:
         """Gather the evidence that must be read before the optimizer steps (weights, Adam state)."""
-        input_z = verdict.zscores.get("input_max")
+        input_z = verdict.zscores.get("input_rms")
+        leaves = tensor_leaves(record.batch)
+        is_last = is_stepping_batch and bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
         nominal = self._nominal_batch_size or self._observed_mode_size()
         indices = dataset_indices(record.batch, self.index_keys, record.size) if record.size else None
         context = SpikeContext(
@@ -469,38 +530,38 @@ class _SpikeWatchHooks:
             batch_size=record.size,
             nominal_batch_size=nominal,
             previous_batch_size=self._previous_batch_size,
-            is_last_batch=record.is_last,
+            is_last_batch=is_last,
             dataset_size=self._dataset_size,
-            input_max=observed.input_max,
-            input_max_median=verdict.medians.get("input_max"),
-            input_max_z=input_z,
+            input_rms=observed.input_rms,
+            input_rms_median=verdict.medians.get("input_rms"),
+            input_rms_z=input_z,
             non_finite=verdict.non_finite,
         )
         if input_z is not None and input_z >= self.z_threshold and record.size:
-            position = self._attempt("inputs", largest_input_position, record.input_leaves, record.size)
+            position = self._attempt("inputs", largest_input_position, record.inputs, record.size)
             if position is not None:
-                context.input_max_sample = indices[position] if indices else position
+                context.input_rms_sample = indices[position] if indices else position
         if optimizer is not None:
-            history = self._lr_history.get(id(optimizer))
-            if history:
-                context.lr_history = [list(values) for values in zip(*history)]
+            context.lr_history = self._lr_history(optimizer, record.step)
             if is_stepping_batch and not self._manual:
                 context.adam = self._attempt("adam", adam_layers, optimizer, self._grads.name_of if self._grads else {})
-        if is_stepping_batch and self._layer_history is not None and self._layer_history.count >= 2:
-            snapshot = self._attempt("grad_norms", self._layer_history.snapshot)
-            if snapshot is not None and self._grads is not None:
-                current, previous, typical = snapshot
-                context.layers = LayerGradients(self._grads.names, current, typical, previous)
+        history = self._layer_history
+        if is_stepping_batch and history is not None and history.count >= 2 and self._grads is not None:
+            current, previous = history.latest(0), history.latest(1)
+            if self._grads.sampled:  # this step's exact norms; earlier ones stay sampled estimates
+                grads, positions = self._grads.grads()
+                current = self._grads.spread(to_host(fused_norms(grads)), positions)
+            context.layers = LayerGradients(self._grads.names, current, history.typical(), previous)
         if record.size:
             index_tensor = _index_tensor(record.batch, self.index_keys)
             exclude = [index_tensor] if index_tensor is not None else []
-            context.class_counts = self._attempt("inputs", class_counts, record.leaves, record.size, exclude)
+            context.class_counts = self._attempt("inputs", class_counts, leaves, record.size, exclude)
             context.has_integer_targets = any(
                 not leaf.is_floating_point()
                 and leaf.ndim > 0
                 and leaf.shape[0] == record.size
                 and leaf is not index_tensor
-                for leaf in record.leaves
+                for leaf in leaves
             )
         if record.per_sample_loss is None and self._can_replay(trainer, record):
             context.samples = self._attempt("replay", self._replay, trainer, pl_module, record, context.loss, indices)

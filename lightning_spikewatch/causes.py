@@ -79,10 +79,10 @@ class SpikeContext:
     previous_batch_size: int | None = None
     is_last_batch: bool = False
     dataset_size: int | None = None
-    input_max: float | None = None
-    input_max_median: float | None = None
-    input_max_z: float | None = None
-    input_max_sample: int | None = None  # dataset index (or batch position) holding the largest input
+    input_rms: float | None = None
+    input_rms_median: float | None = None
+    input_rms_z: float | None = None
+    input_rms_sample: int | None = None  # dataset index (or batch position) holding the largest input
     non_finite: Sequence[str] = ()
     lr_history: Sequence[Sequence[float]] = ()  # per param group, the last few steps, oldest first, ending now
     layers: LayerGradients | None = None
@@ -198,17 +198,17 @@ def log_zero(ctx: SpikeContext) -> CauseScore | None:
 
 
 def input_scale(ctx: SpikeContext) -> CauseScore | None:
-    if ctx.input_max is None or ctx.input_max_z is None or not ctx.input_max_median:
+    if ctx.input_rms is None or ctx.input_rms_z is None or not ctx.input_rms_median:
         return None
-    if not math.isfinite(ctx.input_max) or ctx.input_max_z < ctx.z_threshold:
+    if not math.isfinite(ctx.input_rms) or ctx.input_rms_z < ctx.z_threshold:
         return None
-    ratio = ctx.input_max / ctx.input_max_median
+    ratio = ctx.input_rms / ctx.input_rms_median
     if ratio < 2.0:
         return None
     score = 0.92 if ratio >= 10.0 else 0.6
-    evidence = {"input_max": ctx.input_max, "typical_input_max": ctx.input_max_median, "ratio": ratio}
-    if ctx.input_max_sample is not None:
-        evidence["sample"] = ctx.input_max_sample
+    evidence = {"input_rms": ctx.input_rms, "typical_input_rms": ctx.input_rms_median, "ratio": ratio}
+    if ctx.input_rms_sample is not None:
+        evidence["sample"] = ctx.input_rms_sample
     return CauseScore(Cause.INPUT_SCALE, score, evidence)
 
 

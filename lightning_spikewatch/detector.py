@@ -9,21 +9,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lightning_spikewatch.stats import MAD_TO_SIGMA, RobustWindow
+from lightning_spikewatch.stats import RobustWindow
 
-WATCHED = ("loss", "grad_norm", "input_max")
+WATCHED = ("loss", "grad_norm", "input_rms")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StepSignals:
     """The host-side numbers of one batch. ``None`` means the signal was not read for it."""
 
     loss: float
     grad_norm: float | None = None
-    input_max: float | None = None
+    input_rms: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Verdict:
     """The detector's decision for one batch, with the robust z of every watched signal."""
 
@@ -57,7 +57,8 @@ class SpikeDetector:
         self.window = window
         self.warmup = warmup
         self.z_threshold = z_threshold
-        self.windows = {name: RobustWindow(window, min_rel_spread) for name in WATCHED}
+        # Only the loss is scored every step; the other windows are scored on spikes only.
+        self.windows = {name: RobustWindow(window, min_rel_spread, keep_sorted=name == "loss") for name in WATCHED}
         self.batches_seen = 0
 
     @property
@@ -65,29 +66,67 @@ class SpikeDetector:
         return len(self.windows["loss"]) >= self.warmup
 
     def observe(self, signals: StepSignals) -> Verdict:
-        """Score ``signals`` against the windows (which exclude them), then add them."""
-        values = {"loss": signals.loss, "grad_norm": signals.grad_norm, "input_max": signals.input_max}
+        """Score ``signals`` against the windows (which exclude them), then add them.
+
+        Only the loss is scored on every batch; the other signals are scored when the batch is a
+        spike, to say which of them were outliers too. That keeps the per-step cost to one exact
+        median and MAD.
+        """
+        windows = self.windows
+        loss, grad_norm, input_rms = signals.loss, signals.grad_norm, signals.input_rms
+        loss_z, loss_median, loss_spread = windows["loss"].score(loss, self.z_threshold)
+        ready = len(windows["loss"]) >= self.warmup
+        all_finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+        all_finite = all_finite and (input_rms is None or math.isfinite(input_rms))
+        if all_finite and not (ready and loss_z >= self.z_threshold):  # the common case, kept lean
+            windows["loss"].push(loss)
+            if grad_norm is not None:
+                windows["grad_norm"].push(grad_norm)
+            if input_rms is not None:
+                windows["input_rms"].push(input_rms)
+            self.batches_seen += 1
+            return Verdict(False, {"loss": loss_z}, {"loss": loss_median}, loss_spread, (), ())
+        values = {"loss": loss, "grad_norm": grad_norm, "input_rms": input_rms}
         read = {name: value for name, value in values.items() if value is not None}
         non_finite = tuple(name for name, value in read.items() if not math.isfinite(value))
-        zscores = {name: self.windows[name].zscore(value) for name, value in read.items()}
-        medians = {name: self.windows[name].median() for name in read}
-        ready = self.warmed_up
+        is_spike = bool(non_finite) or (ready and loss_z >= self.z_threshold)
+        zscores, medians = {"loss": loss_z}, {"loss": loss_median}
+        if is_spike:
+            for name, value in read.items():
+                if name != "loss":
+                    zscores[name], medians[name], _ = self.windows[name].score(value)
         outliers = tuple(
             name
             for name, z in zscores.items()
             if ready and len(self.windows[name]) >= self.warmup and z >= self.z_threshold
         )
-        is_spike = bool(non_finite) or "loss" in outliers
-        loss_window = self.windows["loss"]
-        loss_spread = MAD_TO_SIGMA * max(
-            loss_window.mad() if len(loss_window) else 0.0,
-            loss_window.min_rel_spread * abs(medians.get("loss", 0.0) or 0.0),
-            loss_window.min_abs_spread,
-        )
         for name, value in read.items():
             self.windows[name].push(value)
         self.batches_seen += 1
         return Verdict(is_spike, zscores, medians, loss_spread, outliers, non_finite)
+
+    def observe_quietly(self, loss: float, grad_norm: float | None, input_rms: float | None) -> float | None:
+        """The per-step fast path: if the batch is clearly not a spike, add it and return its loss z.
+
+        Returns None, having changed nothing, when the batch needs the full ``observe`` (a spike
+        or a non-finite value), so the common case allocates no record at all.
+        """
+        windows = self.windows
+        loss_window = windows["loss"]
+        loss_z = loss_window.score(loss, self.z_threshold)[0]
+        if loss_z >= self.z_threshold and len(loss_window) >= self.warmup:
+            return None
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            return None
+        if input_rms is not None and not math.isfinite(input_rms):
+            return None
+        loss_window.push(loss)
+        if grad_norm is not None:
+            windows["grad_norm"].push(grad_norm)
+        if input_rms is not None:
+            windows["input_rms"].push(input_rms)
+        self.batches_seen += 1
+        return loss_z
 
     def state_dict(self) -> dict:
         return {"batches_seen": self.batches_seen, "windows": {k: w.state_dict() for k, w in self.windows.items()}}

@@ -1,15 +1,15 @@
 """Files a run leaves behind: spikes.jsonl (appended and flushed per spike), steps.csv, summary.json.
 
-Writes only; a crash mid-run loses no spike already found. The trace is buffered and flushed on
-spikes, at epoch ends and at the end of fit.
+Writes only; a crash mid-run loses no spike already found. The trace is buffered (at most
+``TRACE_BUFFER_ROWS`` rows) and flushed on spikes, at epoch ends and at the end of fit.
 """
 
 from __future__ import annotations
 
-import csv
 import json
+import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -18,27 +18,9 @@ from lightning_spikewatch.events import SpikeEvent, json_safe
 SPIKES_FILE = "spikes.jsonl"
 STEPS_FILE = "steps.csv"
 SUMMARY_FILE = "summary.json"
-TRACE_COLUMNS = (
-    "step",
-    "epoch",
-    "batch_idx",
-    "loss",
-    "loss_z",
-    "grad_norm",
-    "grad_norm_z",
-    "input_max",
-    "batch_size",
-    "lr",
-    "spike",
-)
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
+TRACE_COLUMNS = ("step", "epoch", "batch_idx", "loss", "loss_z", "grad_norm", "input_rms", "batch_size", "lr", "spike")
+TRACE_FORMAT = "%d,%d,%d,%.6g,%.6g,%.6g,%.6g,%d,%.6g,%d\n"
+TRACE_BUFFER_ROWS = 512  # rows held in memory before they are formatted and written (bounded)
 
 
 class SpikeLog:
@@ -56,14 +38,13 @@ class SpikeLog:
         mode = "a" if append else "w"
         self._spikes: TextIO | None = open(self.log_dir / SPIKES_FILE, mode, encoding="utf-8")
         self._steps: TextIO | None = None
-        self._writer = None
+        self._rows: list[tuple] = []
         if trace:
             path = self.log_dir / STEPS_FILE
             fresh = not append or not path.exists() or path.stat().st_size == 0
             self._steps = open(path, mode, encoding="utf-8", newline="")
-            self._writer = csv.writer(self._steps)
             if fresh:
-                self._writer.writerow(TRACE_COLUMNS)
+                self._steps.write(",".join(TRACE_COLUMNS) + "\n")
 
     def write_spike(self, event: SpikeEvent) -> None:
         """Append one JSON line and flush it to disk at once."""
@@ -73,12 +54,53 @@ class SpikeLog:
         self._spikes.flush()
         self.flush_trace()
 
-    def write_step(self, row: Sequence[Any]) -> None:
-        if self._writer is not None:
-            self._writer.writerow([_fmt(v) for v in row])
+    def write_step(
+        self,
+        step: int,
+        epoch: int,
+        batch_idx: int,
+        loss: float,
+        loss_z: float,
+        grad_norm: float | None,
+        input_rms: float | None,
+        batch_size: int | None,
+        lr: float | None,
+        spike: bool,
+    ) -> None:
+        """Buffer one trace row (flushed on spikes, at epoch ends and at the end).
+
+        Runs every step, so it is one C-level format and one buffered write; a value that was not
+        read is written as ``nan`` (a missing batch size as ``-1``).
+        """
+        if self._steps is None:
+            return
+        nan = math.nan
+        self._rows.append(
+            (
+                step,
+                epoch,
+                batch_idx,
+                loss,
+                loss_z,
+                nan if grad_norm is None else grad_norm,
+                nan if input_rms is None else input_rms,
+                -1 if batch_size is None else batch_size,
+                nan if lr is None else lr,
+                spike,
+            )
+        )
+        if len(self._rows) >= TRACE_BUFFER_ROWS:
+            self._write_rows()
+
+    def _write_rows(self) -> None:
+        # Formatting a block of rows at once is several times cheaper than a row per step.
+        if self._steps is not None and self._rows:
+            self._steps.write("".join([TRACE_FORMAT % row for row in self._rows]))
+        self._rows.clear()
 
     def flush_trace(self) -> None:
         if self._steps is not None:
+            self._write_rows()
             self._steps.flush()
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
@@ -89,8 +111,8 @@ class SpikeLog:
         os.replace(tmp, path)
 
     def close(self) -> None:
+        self.flush_trace()
         for handle in (self._spikes, self._steps):
             if handle is not None:
                 handle.close()
         self._spikes = self._steps = None
-        self._writer = None

@@ -63,7 +63,7 @@ def describe_evidence(cause: str, evidence: Mapping[str, Any]) -> str:
         return f"batch loss {_num(e['batch_loss'])} nats, p~{_num(e['probability'], 2)}"
     if cause == Cause.INPUT_SCALE.value:
         where = f", sample {e['sample']}" if e.get("sample") is not None else ""
-        return f"input max {_num(e['input_max'])} vs typical {_num(e['typical_input_max'])}{where}"
+        return f"input max {_num(e['input_rms'])} vs typical {_num(e['typical_input_rms'])}{where}"
     if cause == Cause.ADAM_SECOND_MOMENT.value:
         return (
             f"{e['layer']}: update {_num(e['update_ratio'])}x lr per weight (typical {_num(e['typical_update_ratio'])})"

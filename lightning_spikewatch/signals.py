@@ -16,8 +16,24 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from lightning_spikewatch.causes import AdamLayer
 
 
+def input_tensors(batch: Any, target_keys: Sequence[str]) -> list[torch.Tensor]:
+    """The floating, non-empty input tensors of a batch, targets left out (see ``without_targets``)."""
+    if type(batch) in (tuple, list) and len(batch) >= 2:  # fast path for the usual (x, y) batch
+        inputs = batch[:-1]
+        if all(type(t) is torch.Tensor for t in inputs):
+            return [t for t in inputs if t.is_floating_point() and t.numel()]
+    return floating(tensor_leaves(without_targets(batch, target_keys)))
+
+
 def tensor_leaves(batch: Any) -> list[torch.Tensor]:
     """Every tensor in a (nested) batch collection, in iteration order."""
+    # Fast paths for the common flat batches: this runs on every step.
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if type(batch) in (tuple, list) and all(isinstance(item, torch.Tensor) for item in batch):
+        return list(batch)
+    if type(batch) is dict and all(isinstance(item, torch.Tensor) for item in batch.values()):
+        return list(batch.values())
     leaves: list[torch.Tensor] = []
     apply_to_collection(batch, torch.Tensor, leaves.append)
     return leaves
@@ -41,64 +57,90 @@ def batch_size_of(leaves: Sequence[torch.Tensor]) -> int | None:
     return None
 
 
-def input_max_abs(leaves: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """Largest absolute value over the floating tensors of a batch, as a 0-d device tensor.
+def floating(leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The non-empty floating tensors: the ones whose magnitude is worth watching."""
+    return [leaf for leaf in leaves if leaf.is_floating_point() and leaf.numel() > 0]
 
-    NaN or inf in any input shows up in the result, so one number also carries the non-finite check.
-    """
-    floats = [leaf for leaf in leaves if leaf.is_floating_point() and leaf.numel() > 0]
-    if not floats:
-        return None
-    maxima = torch._foreach_norm(floats, float("inf"))
-    return maxima[0].float() if len(maxima) == 1 else torch.stack(maxima).float().max()
+
+def fused_norms(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """L2 norm of every tensor in one fused kernel launch per device and dtype."""
+    return tuple(torch._foreach_norm(list(tensors))) if tensors else ()
+
+
+def to_host(scalars: Sequence[torch.Tensor]) -> list[float]:
+    """Move 0-d tensors to the host together: one stack and one device-to-host transfer."""
+    with torch.no_grad():  # the loss may still carry its graph: stacking must not extend it
+        try:
+            stacked = torch.stack(scalars)
+        except RuntimeError:  # scalars on several devices (e.g. inputs kept on CPU): gather them first
+            device = scalars[0].device
+            stacked = torch.stack([s.reshape(()).to(device) for s in scalars])
+        return (stacked if stacked.dtype == torch.float32 else stacked.float()).tolist()
+
+
+SAMPLE_BLOCK = 1024  # contiguous elements per sampled block: whole cache lines, few strides
 
 
 class GradientReader:
-    """Fused per-parameter gradient norms for a fixed list of named parameters."""
+    """The gradients of a fixed list of named parameters, in a fixed order.
 
-    def __init__(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]]):
+    On the CPU a full norm over a large gradient costs a pass over all of its memory on every step,
+    so a gradient with more than ``sample`` elements is read through a fixed view of about
+    ``sample`` elements (evenly spaced blocks of ``SAMPLE_BLOCK``), and its norm is scaled up.
+    The estimate follows the true norm step by step (same elements every step), which is what
+    outlier detection needs; on a spike the exact norms are read. On accelerators one fused
+    kernel over every element is cheap, so every element is read there.
+    """
+
+    def __init__(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]], sample: int | None = None):
         pairs = [(name, p) for name, p in named_parameters if p.requires_grad]
         self.names = [name for name, _ in pairs]
         self.params = [p for _, p in pairs]
         self.name_of = {p: name for name, p in pairs}
+        self.sample = sample
+        self.sampled = False  # whether the last read estimated any norm from a sample
+        self._has_large = sample is not None and any(p.numel() > sample for p in self.params)
 
     def __len__(self) -> int:
         return len(self.params)
 
-    def layer_norms(self) -> torch.Tensor | None:
-        """Vector of the gradient norm of every parameter (0 where it has no gradient)."""
+    def grads(self) -> tuple[list[torch.Tensor], list[int] | None]:
+        """The present gradients, and their positions when some parameters have none this step."""
         grads = [p.grad for p in self.params]
-        present = [g for g in grads if g is not None]
-        if not present:
-            return None
-        norms = torch.stack(torch._foreach_norm(present)).float()
-        if len(present) == len(grads):
-            return norms
-        index = torch.tensor([i for i, g in enumerate(grads) if g is not None], device=norms.device)
-        return torch.zeros(len(grads), device=norms.device).index_copy_(0, index, norms)
+        if all(g is not None for g in grads):  # (`None in grads` would compare tensors with None: slow)
+            return grads, None
+        positions = [i for i, g in enumerate(grads) if g is not None]
+        return [grads[i] for i in positions], positions
 
+    def views(self, grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[float] | None]:
+        """What to take the norm of for each gradient, and the factor that turns it into the norm."""
+        limit = self.sample
+        if not limit or not grads or grads[0].device.type != "cpu" or not self._has_large:
+            self.sampled = False
+            return grads, None
+        views, factors = [], []
+        for grad in grads:
+            numel = grad.numel()
+            if numel <= limit or not grad.is_contiguous():
+                views.append(grad)
+                factors.append(1.0)
+                continue
+            blocks = numel // SAMPLE_BLOCK
+            every = max(1, blocks * SAMPLE_BLOCK // limit)
+            rows = (blocks - 1) // every + 1
+            views.append(grad.as_strided((rows, SAMPLE_BLOCK), (every * SAMPLE_BLOCK, 1)))
+            factors.append(math.sqrt(numel / (rows * SAMPLE_BLOCK)))
+        self.sampled = any(f != 1.0 for f in factors)
+        return views, factors if self.sampled else None
 
-class LayerNormHistory:
-    """Ring buffer of per-layer gradient norms, kept on the device so recording costs no sync."""
-
-    def __init__(self, window: int, layers: int, device: torch.device):
-        self.window = window
-        self.buffer = torch.zeros(window, layers, device=device)
-        self.count = 0
-
-    def record(self, norms: torch.Tensor) -> None:
-        self.buffer[self.count % self.window].copy_(norms)
-        self.count += 1
-
-    def snapshot(self) -> tuple[list[float], list[float] | None, list[float]]:
-        """(current, previous, typical) norms per layer: one transfer, used on a spike only."""
-        filled = min(self.count, self.window)
-        rows = self.buffer[:filled] if self.count <= self.window else self.buffer
-        latest = (self.count - 1) % self.window
-        current = self.buffer[latest].tolist()
-        previous = self.buffer[(self.count - 2) % self.window].tolist() if self.count >= 2 else None
-        typical = rows.median(dim=0).values.tolist()
-        return current, previous, typical
+    def spread(self, norms: Sequence[float], positions: list[int] | None) -> list[float]:
+        """Norms of the present gradients placed at their parameters' positions (0 elsewhere)."""
+        if positions is None:
+            return list(norms)
+        full = [0.0] * len(self.params)
+        for position, norm in zip(positions, norms):
+            full[position] = norm
+        return full
 
 
 def adam_layers(optimizer: torch.optim.Optimizer, name_of: Mapping[torch.Tensor, str]) -> list[AdamLayer] | None:

@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 
 MAD_TO_SIGMA = 1.4826  # scales the MAD to a standard deviation for normally distributed data
+MAD_REFRESH = 16  # pushes after which a cached MAD is recomputed (see RobustWindow.score)
 
 
 def median_of_sorted(values: Sequence[float]) -> float:
@@ -31,27 +32,18 @@ def _kth_distance(values: Sequence[float], center: float, split: int, k: int) ->
     sorted runs is found by binary search on how many elements the left run contributes.
     """
     n_left, n_right = split, len(values) - split
-
-    def left(i: int) -> float:  # i-th smallest distance on the left
-        return center - values[split - 1 - i]
-
-    def right(j: int) -> float:
-        return values[split + j] - center
-
     lo, hi = max(0, k + 1 - n_right), min(k + 1, n_left)
     while lo < hi:
         take_left = (lo + hi) // 2
         take_right = k + 1 - take_left
-        # Too few from the left if the next left element is smaller than the last right one taken.
-        if take_right > 0 and take_left < n_left and left(take_left) < right(take_right - 1):
+        # Too few from the left if the next left distance is below the last right one taken.
+        if take_right > 0 and center - values[split - 1 - take_left] < values[split + take_right - 1] - center:
             lo = take_left + 1
         else:
             hi = take_left
-    take_left = lo
-    take_right = k + 1 - take_left
-    last_left = left(take_left - 1) if take_left > 0 else -math.inf
-    last_right = right(take_right - 1) if take_right > 0 else -math.inf
-    return max(last_left, last_right)
+    last_left = center - values[split - lo] if lo > 0 else -math.inf
+    last_right = values[split + k - lo] - center if k + 1 - lo > 0 else -math.inf
+    return last_left if last_left > last_right else last_right
 
 
 def mad_of_sorted(values: Sequence[float], center: float | None = None) -> float:
@@ -83,14 +75,19 @@ class RobustWindow:
     short memmove, the median is O(1) and the MAD O(log n). Non-finite values are never stored.
     """
 
-    def __init__(self, size: int, min_rel_spread: float = 0.02, min_abs_spread: float = 1e-12) -> None:
+    def __init__(
+        self, size: int, min_rel_spread: float = 0.02, min_abs_spread: float = 1e-12, keep_sorted: bool = True
+    ) -> None:
         if size < 3:
             raise ValueError(f"window size must be at least 3, got {size}")
         self.size = size
+        self.keep_sorted = keep_sorted  # False: a push is O(1), and scoring sorts (for rarely scored signals)
         self.min_rel_spread = min_rel_spread
         self.min_abs_spread = min_abs_spread
         self._fifo: deque[float] = deque()
         self._sorted: list[float] = []
+        self._mad = 0.0
+        self._pushes_since_mad = MAD_REFRESH
 
     def __len__(self) -> int:
         return len(self._fifo)
@@ -99,28 +96,59 @@ class RobustWindow:
         """Add a value (ignored when not finite), dropping the oldest once the window is full."""
         if not math.isfinite(value):
             return
+        if not self.keep_sorted:
+            if len(self._fifo) == self.size:
+                self._fifo.popleft()
+            self._fifo.append(value)
+            return
         if len(self._fifo) == self.size:
             oldest = self._fifo.popleft()
             del self._sorted[bisect_left(self._sorted, oldest)]
         self._fifo.append(value)
         insort(self._sorted, value)
+        self._pushes_since_mad += 1
 
     def extend(self, values: Iterable[float]) -> None:
         for value in values:
             self.push(value)
 
+    def _ordered(self) -> list[float]:
+        return self._sorted if self.keep_sorted else sorted(self._fifo)
+
     def median(self) -> float:
-        return median_of_sorted(self._sorted) if self._sorted else math.nan
+        ordered = self._ordered()
+        return median_of_sorted(ordered) if ordered else math.nan
 
     def mad(self) -> float:
-        return mad_of_sorted(self._sorted) if self._sorted else math.nan
+        ordered = self._ordered()
+        return mad_of_sorted(ordered) if ordered else math.nan
 
     def zscore(self, value: float) -> float:
         """Robust z of ``value`` against the window (NaN when the window is empty or value is NaN)."""
+        return self.score(value)[0]
+
+    def score(self, value: float, threshold: float | None = None) -> tuple[float, float, float]:
+        """(robust z, median, floored spread) of ``value`` against the window.
+
+        With a ``threshold``, the MAD is recomputed only when needed: every ``MAD_REFRESH`` pushes,
+        and whenever ``value`` could reach the threshold. A z below the threshold may then use a MAD
+        a few steps old; a z at or above it is always exact.
+        """
+        if not self.keep_sorted:
+            self._sorted = sorted(self._fifo)
+            self._pushes_since_mad = MAD_REFRESH
         if not self._sorted or math.isnan(value):
-            return math.nan
+            return math.nan, math.nan, math.nan
         median = median_of_sorted(self._sorted)
-        return robust_z(value, median, mad_of_sorted(self._sorted, median), self.min_rel_spread, self.min_abs_spread)
+        floor = max(self.min_rel_spread * abs(median), self.min_abs_spread)
+        stale = threshold is None or self._pushes_since_mad >= MAD_REFRESH
+        if not stale and (value - median) / (MAD_TO_SIGMA * floor) >= threshold:
+            stale = True  # the floor alone does not rule a spike out: the exact MAD decides
+        if stale:
+            self._mad = mad_of_sorted(self._sorted, median)
+            self._pushes_since_mad = 0
+        spread = self._mad if self._mad > floor else floor
+        return (value - median) / (MAD_TO_SIGMA * spread), median, MAD_TO_SIGMA * spread
 
     def values(self) -> list[float]:
         """The stored values, oldest first."""
@@ -133,3 +161,34 @@ class RobustWindow:
         self._fifo.clear()
         self._sorted.clear()
         self.extend(state["values"][-self.size :])
+
+
+class VectorHistory:
+    """The last ``size`` vectors of a fixed length (e.g. per-layer gradient norms).
+
+    Recording appends a reference to a list (no copy, no numpy call): it runs every step. The
+    medians are computed only when asked, on a spike.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._rows: deque[Sequence[float]] = deque(maxlen=size)
+
+    @property
+    def count(self) -> int:
+        return len(self._rows)
+
+    def record(self, values: Sequence[float]) -> None:
+        self._rows.append(values)
+
+    def latest(self, back: int = 0) -> list[float] | None:
+        """The vector recorded ``back`` records before the newest one (None if there is none)."""
+        if back >= len(self._rows):
+            return None
+        return list(self._rows[-1 - back])
+
+    def typical(self) -> list[float]:
+        """Median of each component over the stored vectors."""
+        import numpy as np
+
+        return np.median(np.asarray(self._rows, dtype=float), axis=0).tolist()

@@ -99,9 +99,9 @@ def test_log_zero_from_the_batch_loss_alone():
 
 
 def test_input_scale_needs_an_outlier_magnitude():
-    ranked = rank_causes(context(input_max=3e4, input_max_median=3.0, input_max_z=1e5, input_max_sample=77))
+    ranked = rank_causes(context(input_rms=3e4, input_rms_median=3.0, input_rms_z=1e5, input_rms_sample=77))
     assert ranked[0].cause is Cause.INPUT_SCALE and ranked[0].evidence["sample"] == 77
-    assert top(context(input_max=3.5, input_max_median=3.0, input_max_z=2.0)) is Cause.MINIBATCH_NOISE
+    assert top(context(input_rms=3.5, input_rms_median=3.0, input_rms_z=2.0)) is Cause.MINIBATCH_NOISE
 
 
 def test_adam_second_moment_names_the_layer_with_the_oversized_update():

@@ -4,12 +4,14 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lightning_spikewatch.detector import SpikeDetector, StepSignals
 
 
-def run(series, **kwargs):
-    detector = SpikeDetector(**kwargs)
+def run(series, threshold=6.0, **kwargs):
+    detector = SpikeDetector(z_threshold=threshold, **kwargs)
     return [i for i, v in enumerate(series) if detector.observe(StepSignals(loss=float(v))).is_spike]
 
 
@@ -59,17 +61,17 @@ def test_non_finite_losses_stay_out_of_the_window():
 def test_other_signals_are_listed_when_they_are_outliers_too():
     detector = SpikeDetector(warmup=5)
     for i in range(50):
-        detector.observe(StepSignals(loss=1.0 + 0.01 * (i % 3), grad_norm=0.5 + 0.01 * (i % 5), input_max=3.0))
-    verdict = detector.observe(StepSignals(loss=5.0, grad_norm=50.0, input_max=3.0))
+        detector.observe(StepSignals(loss=1.0 + 0.01 * (i % 3), grad_norm=0.5 + 0.01 * (i % 5), input_rms=3.0))
+    verdict = detector.observe(StepSignals(loss=5.0, grad_norm=50.0, input_rms=3.0))
     assert verdict.is_spike and verdict.outliers == ("loss", "grad_norm")
-    verdict = detector.observe(StepSignals(loss=1.0, grad_norm=50.0, input_max=3.0))
+    verdict = detector.observe(StepSignals(loss=1.0, grad_norm=50.0, input_rms=3.0))
     assert not verdict.is_spike  # a gradient outlier alone is not a loss spike
 
 
 def test_memory_is_bounded_by_the_window():
     detector = SpikeDetector(window=64)
     for i in range(10_000):
-        detector.observe(StepSignals(loss=1.0 + (i % 7) * 0.01, grad_norm=1.0, input_max=1.0))
+        detector.observe(StepSignals(loss=1.0 + (i % 7) * 0.01, grad_norm=1.0, input_rms=1.0))
     assert all(len(w) == 64 for w in detector.windows.values())
 
 
@@ -80,3 +82,29 @@ def test_state_round_trip_continues_without_second_warmup():
     resumed = SpikeDetector(warmup=20)
     resumed.load_state_dict(detector.state_dict())
     assert resumed.observe(StepSignals(loss=10.0)).is_spike
+
+
+def reference_spikes(series, window=128, warmup=20, threshold=6.0, min_rel_spread=0.02):
+    """Straightforward numpy reference: exact median and MAD over the last `window` finite values."""
+    history, spikes = [], []
+    for i, x in enumerate(series):
+        if not math.isfinite(x):
+            spikes.append(i)
+            continue
+        if len(history) >= warmup:
+            past = np.array(history[-window:])
+            median = np.median(past)
+            spread = max(np.median(np.abs(past - median)), min_rel_spread * abs(median), 1e-12)
+            if (x - median) / (1.4826 * spread) >= threshold:
+                spikes.append(i)
+        history.append(x)
+    return spikes
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.floats(min_value=0.01, max_value=100.0), min_size=30, max_size=400),
+    st.floats(min_value=1.5, max_value=8.0),
+)
+def test_cached_mad_gives_exactly_the_reference_decisions(series, threshold):
+    assert run(series, threshold=threshold) == reference_spikes(series, threshold=threshold)

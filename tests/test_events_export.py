@@ -51,7 +51,7 @@ def test_spikes_are_on_disk_as_soon_as_they_are_written(tmp_path):
     # Read while the file is still open: the line must already be there (a crash loses nothing).
     lines = (tmp_path / "spikes.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [12]
-    log.write_step([1, 0, 1, 0.5, 0.1, 1.0, 0.2, 3.0, 32, 1e-3, 0])
+    log.write_step(1, 0, 1, 0.5, 0.1, 1.0, 0.2, 32, 1e-3, False)
     log.write_summary({"spikes": 1})
     log.close()
     rows = list(csv.reader((tmp_path / "steps.csv").open()))
@@ -63,7 +63,7 @@ def test_append_mode_keeps_earlier_lines_and_a_single_header(tmp_path):
     for append in (False, True):
         log = SpikeLog(tmp_path, append=append)
         log.write_spike(event())
-        log.write_step([1] * 11)
+        log.write_step(1, 0, 0, 1.0, 0.0, None, None, None, None, True)
         log.close()
     assert len((tmp_path / "spikes.jsonl").read_text().splitlines()) == 2
     assert [r[0] for r in csv.reader((tmp_path / "steps.csv").open())] == ["step", "1", "1"]

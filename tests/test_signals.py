@@ -9,17 +9,19 @@ from torch import nn
 
 from lightning_spikewatch.signals import (
     GradientReader,
-    LayerNormHistory,
     adam_layers,
     batch_size_of,
     class_counts,
     dataset_indices,
-    input_max_abs,
+    floating,
+    fused_norms,
     largest_input_position,
     slice_batch,
     tensor_leaves,
+    to_host,
     without_targets,
 )
+from lightning_spikewatch.stats import VectorHistory
 
 
 def test_fused_layer_norms_equal_per_tensor_norms_and_skip_missing_grads():
@@ -27,27 +29,54 @@ def test_fused_layer_norms_equal_per_tensor_norms_and_skip_missing_grads():
     model(torch.randn(4, 5)).square().sum().backward()
     model[2].bias.grad = None  # a parameter without gradient this step
     reader = GradientReader(model.named_parameters())
-    norms = reader.layer_norms()
+    grads, positions = reader.grads()
+    norms = reader.spread(to_host(fused_norms(grads)), positions)
     expected = [p.grad.norm().item() if p.grad is not None else 0.0 for p in model.parameters()]
-    assert norms.tolist() == pytest.approx(expected, rel=1e-6)
-    assert reader.names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert norms == pytest.approx(expected, rel=1e-6)
+    assert positions == [0, 1, 2] and reader.names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    global_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    assert math.hypot(*norms) == pytest.approx(global_norm.item(), rel=1e-6)
 
 
-def test_layer_history_gives_current_previous_and_typical_norms():
-    history = LayerNormHistory(window=4, layers=2, device=torch.device("cpu"))
+def test_sampled_norms_of_large_gradients_track_the_exact_ones():
+    torch.manual_seed(0)
+    big = nn.Parameter(torch.zeros(512, 1024))
+    small = nn.Parameter(torch.zeros(10))
+    reader = GradientReader([("big", big), ("small", small)], sample=16384)
+    for scale in (1.0, 30.0):  # a blow-up shows in the estimate as it does in the exact norm
+        big.grad, small.grad = torch.randn(512, 1024) * scale, torch.randn(10)
+        views, factors = reader.views([big.grad, small.grad])
+        estimate = [n * f for n, f in zip(to_host(fused_norms(views)), factors)]
+        assert views[0].numel() <= 16384 and views[1] is small.grad
+        assert estimate[0] == pytest.approx(big.grad.norm().item(), rel=0.05)
+        assert estimate[1] == pytest.approx(small.grad.norm().item(), rel=1e-6)
+    assert reader.sampled
+    exact = GradientReader([("big", big)], sample=None)
+    assert exact.views([big.grad]) == ([big.grad], None) and not exact.sampled
+
+
+def test_one_transfer_carries_mixed_dtypes():
+    values = to_host(
+        [torch.tensor(1.5), torch.tensor(2.0, dtype=torch.bfloat16), torch.tensor(-3.0, dtype=torch.float64)]
+    )
+    assert values == [1.5, 2.0, -3.0]
+
+
+def test_vector_history_gives_latest_previous_and_typical():
+    history = VectorHistory(size=4)
     for step in range(6):
-        history.record(torch.tensor([float(step), 10.0]))
-    current, previous, typical = history.snapshot()
-    assert current == [5.0, 10.0] and previous == [4.0, 10.0]
-    assert typical[1] == 10.0 and 2.0 <= typical[0] <= 4.0  # median of the last 4 rows
+        history.record([float(step), 10.0])
+    assert history.latest(0) == [5.0, 10.0] and history.latest(1) == [4.0, 10.0]
+    assert history.latest(4) is None
+    assert history.typical() == [3.5, 10.0]  # median of the last 4 rows: 2, 3, 4, 5
 
 
 def test_input_magnitude_ignores_targets_and_carries_non_finite_values():
     batch = {"x": torch.tensor([[1.0, -7.0]]), "y": torch.tensor([[100.0]]), "index": torch.tensor([3])}
-    assert float(input_max_abs(tensor_leaves(without_targets(batch, ["y"])))) == 7.0
-    assert float(input_max_abs(tensor_leaves(without_targets((batch["x"], batch["y"]), [])))) == 7.0
-    assert math.isnan(float(input_max_abs([torch.tensor([1.0, math.nan])])))
-    assert input_max_abs([torch.tensor([1, 2])]) is None  # no floating inputs
+    inputs = floating(tensor_leaves(without_targets(batch, ["y"])))
+    assert [t.tolist() for t in inputs] == [[[1.0, -7.0]]]  # neither the target nor the integer index
+    assert floating(tensor_leaves(without_targets((batch["x"], batch["y"]), []))) == [batch["x"]]
+    assert math.isnan(to_host(fused_norms([torch.tensor([1.0, math.nan])]))[0])
 
 
 def test_batches_of_every_shape_are_sized_sliced_and_indexed():

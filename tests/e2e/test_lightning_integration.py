@@ -179,7 +179,7 @@ def test_internal_failure_disables_only_that_part_with_one_warning(tmp_path, mon
 def test_failure_in_a_hook_never_reaches_the_fit_loop(tmp_path, monkeypatch):
     import lightning_spikewatch.callback as callback_module
 
-    monkeypatch.setattr(callback_module, "tensor_leaves", lambda batch: 1 / 0)
+    monkeypatch.setattr(callback_module, "input_tensors", lambda batch, keys: 1 / 0)
     w = watch(tmp_path)
     with pytest.warns(RuntimeWarning, match="'watch' part failed"):
         trainer = fit(seeded(TinyNet), outlier_data(), [w])
