@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import math
 import os
 import warnings
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -218,6 +220,14 @@ class _SpikeWatchHooks:
         self.grad_sample = grad_sample
         self.spikes: list[SpikeEvent] = []
         self._disabled: set[str] = set()
+        self._restored: dict[str, Any] | None = None
+        self._instance = _number_instance(self)
+        settings = {"log_dir": None if log_dir is None else str(log_dir)}
+        if self._instance > 1:
+            settings["instance"] = self._instance
+        self._state_key = (
+            self._generate_state_key(**settings) if log_dir is not None or self._instance > 1 else "SpikeWatch"
+        )
         self._reset_run_state()
 
     # ------------------------------------------------------------------ run state
@@ -242,6 +252,8 @@ class _SpikeWatchHooks:
         self._log: SpikeLog | None = None
         self._resolved_log_dir: Path | None = None
         self._finished = False
+        self._fit_started = False
+        self._unshared: list[SpikeEvent] = []
         self._manual = False
         self._accumulate = 1
         self._epoch = 0
@@ -274,20 +286,73 @@ class _SpikeWatchHooks:
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_run_state()
         self.spikes = []
+        self._fit_started = True
+        resumed = self._restored is not None
+        if resumed:
+            self._apply_state(self._restored)
         self._manual = not pl_module.automatic_optimization
         self._grads = GradientReader(pl_module.named_parameters(), self.grad_sample)
-        if trainer.is_global_zero:
-            self._attempt("export", self._open_log, trainer)
+        reason = sharded_reason(trainer, pl_module)
+        if reason is not None:
+            # Each rank holds a shard: per-layer norms and Adam state would be partial, and a replay
+            # on one rank would wait forever on the others' all-gathers. Say so once, keep the rest.
+            self._disabled.update({"grad_norms", "adam", "replay"})
+            if trainer.is_global_zero:
+                rank_zero_info(
+                    f"SpikeWatch: {reason}, so per-layer gradient norms, Adam state and batch replay are off; "
+                    "the loss, inputs, learning rate and batch composition are still watched."
+                )
+        # trainer.log_dir broadcasts under DDP: every rank resolves it, so the collective is symmetric.
+        directory = self._attempt("export", self._resolve_log_dir, trainer)
+        if directory is not None:
+            self._resolved_log_dir = directory
+            suffix = "" if trainer.is_global_zero else f"rank{trainer.global_rank}"
+            self._log = self._attempt("export", SpikeLog, directory, resumed, self.trace_every > 0, suffix)
 
-    def _open_log(self, trainer: Any) -> None:
+    def _resolve_log_dir(self, trainer: Any) -> Path:
         if self.log_dir is not None:
-            directory = Path(self.log_dir)
-        elif trainer.loggers:
-            directory = Path(trainer.log_dir or trainer.default_root_dir) / "spikewatch"
-        else:
-            directory = Path(trainer.default_root_dir) / "spikewatch"
-        self._resolved_log_dir = directory
-        self._log = SpikeLog(directory, append=False, trace=self.trace_every > 0)
+            return Path(self.log_dir)
+        folder = "spikewatch" if self._instance == 1 else f"spikewatch_{self._instance}"
+        if trainer.loggers:
+            return Path(trainer.log_dir or trainer.default_root_dir) / folder
+        return Path(trainer.default_root_dir) / folder
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def state_key(self) -> str:
+        # Two SpikeWatch callbacks in one Trainer need distinct keys to be checkpointed side by side.
+        return self._state_key
+
+    def state_dict(self) -> dict[str, Any]:
+        """Windows, spike history and counters, so a resumed fit needs no second warm-up."""
+        layers = self._layer_history
+        return {
+            "detector": self.detector.state_dict(),
+            "spikes": [event.to_dict() for event in self.spikes],
+            "steps_watched": self.steps_watched,
+            "batches_watched": self.batches_watched,
+            "amp_skipped_steps": self.amp_skipped_steps,
+            "non_finite_repeats": self.non_finite_repeats,
+            "layer_history": [list(row) for row in layers._rows] if layers is not None else [],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict)
+        if self._fit_started:  # strategies that restore after on_fit_start (DeepSpeed, ModelParallel)
+            self._attempt("watch", self._apply_state, self._restored)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state["detector"])
+        self.spikes = [SpikeEvent.from_dict(d) for d in state.get("spikes", [])]
+        self.steps_watched = state.get("steps_watched", 0)
+        self.batches_watched = state.get("batches_watched", 0)
+        self.amp_skipped_steps = state.get("amp_skipped_steps", 0)
+        self.non_finite_repeats = state.get("non_finite_repeats", 0)
+        if state.get("layer_history"):
+            self._layer_history = VectorHistory(self.window)
+            for row in state["layer_history"][-self.window :]:
+                self._layer_history.record(row)
 
     @_safely("watch")
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -345,9 +410,11 @@ class _SpikeWatchHooks:
     @_safely("watch")
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if (type(outputs) is dict or isinstance(outputs, Mapping)) and "per_sample_loss" in outputs:
-            for item in (*self._records, *(p.record for p in self._pending)):
-                if item.batch is batch:
-                    item.per_sample_loss = outputs["per_sample_loss"].detach()
+            per_sample = outputs["per_sample_loss"]
+            if isinstance(per_sample, torch.Tensor):
+                for item in (*self._records, *(p.record for p in self._pending)):
+                    if item.batch is batch:
+                        item.per_sample_loss = per_sample.detach()
         if self._manual and self._records:
             record = self._records.pop()
             if record.loss is None and isinstance(outputs, Mapping) and isinstance(outputs.get("loss"), torch.Tensor):
@@ -362,14 +429,47 @@ class _SpikeWatchHooks:
         if trainer.loggers and trainer.is_global_zero:
             self._attempt("loggers", self._log_scalars, trainer)
 
-    @_safely("watch")
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._flush_epoch(trainer)
+        # Not under the "watch" guard: a collective must run on every rank or on none.
+        self._attempt("distributed", self._gather, trainer)
+
+    @_safely("watch")
+    def _flush_epoch(self, trainer: Any) -> None:
         if self._log is not None:
             self._attempt("export", self._log.flush_trace)
 
-    @_safely("watch")
+    @_safely("distributed")
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        self._finish(trainer)
+        self._gather(trainer)
+        self._attempt("watch", self._finish, trainer)
+
+    def _gather(self, trainer: Any) -> None:
+        """Hand the events of the other ranks to rank zero: one collective per epoch, never per step."""
+        if trainer.world_size < 2 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return
+        try:
+            payload = [event.to_dict() for event in self._unshared]
+        except Exception:  # noqa: BLE001 - the collective must still happen, with nothing to share
+            payload = []
+        self._unshared = []
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, payload)
+        if not trainer.is_global_zero:
+            return
+        known = {event.key for event in self.spikes}
+        for rank_payload in gathered[1:]:
+            for data in rank_payload or []:
+                event = SpikeEvent.from_dict(data)
+                if event.key in known:
+                    continue
+                known.add(event.key)
+                self.spikes.append(event)
+                if self._log is not None:
+                    self._attempt("export", self._log.write_spike, event)
+                if self.print_spikes:
+                    self._attempt("console", self._announce, trainer, report.spike_line(event))
+        self.spikes.sort(key=lambda event: (event.step, event.rank, event.batch_idx))
 
     @_safely("watch")
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -586,7 +686,11 @@ class _SpikeWatchHooks:
             causes=causes,
             rank=trainer.global_rank,
         )
+        if event.key in {e.key for e in self.spikes[-16:]}:
+            return  # found again after resuming from a checkpoint taken before it
         self.spikes.append(event)
+        if not trainer.is_global_zero:
+            self._unshared.append(event)  # handed to rank zero at the end of the epoch
         if self._log is not None:
             self._attempt("export", self._log.write_spike, event)
         if self.print_spikes and trainer.is_global_zero:
@@ -690,6 +794,39 @@ class _SpikeWatchHooks:
     def resolved_log_dir(self) -> Path | None:
         """The folder the exports went to in the last fit (None before fit or on non-zero ranks)."""
         return self._resolved_log_dir
+
+
+_DEFAULT_INSTANCES: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+
+
+def _number_instance(watch: Any) -> int:
+    """1 for the first live SpikeWatch with a default log_dir, 2 for a second one, and so on:
+    two callbacks in one Trainer then write to different folders and checkpoint separately.
+    Numbers of collected instances are reused, so a re-run notebook cell gets 1 again."""
+    if watch.log_dir is not None:
+        return 1
+    number = 1
+    while _DEFAULT_INSTANCES.get(number) is not None:
+        number += 1
+    _DEFAULT_INSTANCES[number] = watch
+    return number
+
+
+SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
+
+
+def sharded_reason(trainer: Any, pl_module: Any) -> str | None:
+    """Why gradients and optimizer state are sharded across ranks in this run, or None."""
+    name = type(trainer.strategy).__name__
+    if name in SHARDED_STRATEGIES:
+        return f"the {name} shards parameters across ranks"
+    if any(type(p).__name__ == "DTensor" for p in pl_module.parameters()):
+        return "parameters are sharded DTensors"
+    return None
+
+
+def rank_zero_info(message: str) -> None:
+    logging.getLogger("lightning_spikewatch").warning(message)
 
 
 def _severity(event: SpikeEvent) -> float:

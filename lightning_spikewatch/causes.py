@@ -288,6 +288,8 @@ def learning_rate(ctx: SpikeContext) -> CauseScore | None:
 
 def minibatch_noise(ctx: SpikeContext) -> CauseScore:
     evidence: dict = {"loss_z": ctx.loss_z, "typical_loss": ctx.loss_median}
+    if ctx.samples is not None and ctx.samples.note:
+        evidence["replay_note"] = ctx.samples.note
     if ctx.class_counts:
         evidence["class_counts"] = dict(sorted(ctx.class_counts.items()))
     return CauseScore(Cause.MINIBATCH_NOISE, NOISE_SCORE, evidence)

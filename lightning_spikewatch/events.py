@@ -36,6 +36,10 @@ class CauseScore:
     def to_dict(self) -> dict[str, Any]:
         return {"cause": self.cause.value, "score": round(self.score, 4), "evidence": json_safe(self.evidence)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CauseScore:
+        return cls(Cause(data["cause"]), float(data["score"]), dict(data.get("evidence") or {}))
+
 
 @dataclass(frozen=True)
 class SpikeEvent:
@@ -85,6 +89,29 @@ class SpikeEvent:
             "evidence": json_safe(self.evidence),
             "rank": self.rank,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpikeEvent:
+        """Rebuild an event from its exported dict (``null`` numbers come back as NaN)."""
+
+        def number(value: Any) -> float:
+            return math.nan if value is None else float(value)
+
+        return cls(
+            step=int(data["step"]),
+            epoch=int(data["epoch"]),
+            batch_idx=int(data["batch_idx"]),
+            loss=number(data["loss"]),
+            zscore=number(data["zscore"]),
+            signals=list(data.get("signals", [])),
+            causes=[CauseScore.from_dict(c) for c in data["causes"]],
+            rank=int(data.get("rank", 0)),
+        )
+
+    @property
+    def key(self) -> tuple[int, int, int, int]:
+        """Identifies the batch: the same spike found again after a resume has the same key."""
+        return (self.step, self.epoch, self.batch_idx, self.rank)
 
 
 def json_safe(value: Any) -> Any:

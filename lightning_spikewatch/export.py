@@ -32,15 +32,17 @@ class SpikeLog:
         trace: write steps.csv.
     """
 
-    def __init__(self, log_dir: str | os.PathLike, append: bool = False, trace: bool = True):
+    def __init__(self, log_dir: str | os.PathLike, append: bool = False, trace: bool = True, suffix: str = ""):
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         mode = "a" if append else "w"
-        self._spikes: TextIO | None = open(self.log_dir / SPIKES_FILE, mode, encoding="utf-8")
+        spikes_path = self.log_dir / _with_suffix(SPIKES_FILE, suffix)
+        self.written = existing_keys(spikes_path) if append else set()  # resumed runs skip re-found spikes
+        self._spikes: TextIO | None = open(spikes_path, mode, encoding="utf-8")
         self._steps: TextIO | None = None
         self._rows: list[tuple] = []
         if trace:
-            path = self.log_dir / STEPS_FILE
+            path = self.log_dir / _with_suffix(STEPS_FILE, suffix)
             fresh = not append or not path.exists() or path.stat().st_size == 0
             self._steps = open(path, mode, encoding="utf-8", newline="")
             if fresh:
@@ -48,8 +50,9 @@ class SpikeLog:
 
     def write_spike(self, event: SpikeEvent) -> None:
         """Append one JSON line and flush it to disk at once."""
-        if self._spikes is None:
+        if self._spikes is None or event.key in self.written:
             return
+        self.written.add(event.key)
         self._spikes.write(json.dumps(event.to_dict(), allow_nan=False) + "\n")
         self._spikes.flush()
         self.flush_trace()
@@ -116,3 +119,34 @@ class SpikeLog:
             if handle is not None:
                 handle.close()
         self._spikes = self._steps = None
+
+
+def _with_suffix(name: str, suffix: str) -> str:
+    """``spikes.jsonl`` -> ``spikes.rank1.jsonl`` for a per-rank file."""
+    if not suffix:
+        return name
+    stem, extension = name.rsplit(".", 1)
+    return f"{stem}.{suffix}.{extension}"
+
+
+def read_spikes(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
+    """The events of a spikes.jsonl file, and how many lines were unreadable (e.g. a line cut off
+    by a crash) and skipped."""
+    events, skipped = [], 0
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            skipped += 1
+    return events, skipped
+
+
+def existing_keys(path: str | os.PathLike) -> set[tuple[int, int, int, int]]:
+    events, _ = read_spikes(path)
+    return {(e["step"], e["epoch"], e["batch_idx"], e.get("rank", 0)) for e in events}

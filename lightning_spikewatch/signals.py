@@ -6,6 +6,7 @@ used on a spike (Adam state, per-sample inputs, class counts) may transfer, sinc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -34,9 +35,27 @@ def tensor_leaves(batch: Any) -> list[torch.Tensor]:
         return list(batch)
     if type(batch) is dict and all(isinstance(item, torch.Tensor) for item in batch.values()):
         return list(batch.values())
+    # A read-only walk: apply_to_collection would rebuild every container on the way, which costs
+    # time and fails for types such as PackedSequence that validate what they are built from.
     leaves: list[torch.Tensor] = []
-    apply_to_collection(batch, torch.Tensor, leaves.append)
+    _collect(batch, leaves, depth=0)
     return leaves
+
+
+def _collect(item: Any, leaves: list[torch.Tensor], depth: int) -> None:
+    if isinstance(item, torch.Tensor):
+        leaves.append(item)
+    elif depth > 32 or isinstance(item, (str, bytes)):
+        return
+    elif isinstance(item, Mapping):
+        for value in item.values():
+            _collect(value, leaves, depth + 1)
+    elif isinstance(item, (list, tuple)):
+        for value in item:
+            _collect(value, leaves, depth + 1)
+    elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+        for f in dataclasses.fields(item):
+            _collect(getattr(item, f.name), leaves, depth + 1)
 
 
 def without_targets(batch: Any, target_keys: Sequence[str]) -> Any:

@@ -60,10 +60,11 @@ def test_spikes_are_on_disk_as_soon_as_they_are_written(tmp_path):
 
 
 def test_append_mode_keeps_earlier_lines_and_a_single_header(tmp_path):
-    for append in (False, True):
+    for append, step in ((False, 12), (True, 30)):
         log = SpikeLog(tmp_path, append=append)
-        log.write_spike(event())
+        log.write_spike(event())  # step 12: found again after a resume, written once only
+        log.write_spike(SpikeEvent(step, 1, 3, 2.5, 9.0, ["loss"], event().causes))
         log.write_step(1, 0, 0, 1.0, 0.0, None, None, None, None, True)
         log.close()
-    assert len((tmp_path / "spikes.jsonl").read_text().splitlines()) == 2
+    assert [json.loads(line)["step"] for line in (tmp_path / "spikes.jsonl").read_text().splitlines()] == [12, 30]
     assert [r[0] for r in csv.reader((tmp_path / "steps.csv").open())] == ["step", "1", "1"]

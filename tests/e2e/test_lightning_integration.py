@@ -210,3 +210,19 @@ def test_validate_and_test_calls_stay_quiet(tmp_path):
     trainer.validate(model, loader(outlier_data()))
     trainer.test(model, loader(outlier_data()))
     assert w.spikes == [] and w.steps_watched == 0
+
+
+def test_sharded_strategies_switch_off_the_per_rank_partial_signals():
+    from types import SimpleNamespace
+
+    from lightning_spikewatch.callback import sharded_reason
+
+    class FSDPStrategy:  # named like Lightning's
+        pass
+
+    module = TinyNet()
+    assert (
+        sharded_reason(SimpleNamespace(strategy=FSDPStrategy()), module)
+        == "the FSDPStrategy shards parameters across ranks"
+    )
+    assert sharded_reason(SimpleNamespace(strategy=object()), module) is None

@@ -177,7 +177,8 @@ def fit(model: pl.LightningModule, data: Any, callbacks: list, trainer_module: A
         accelerator="cpu",
         devices=1,
     )
+    ckpt_path = trainer_kwargs.pop("ckpt_path", None)
     settings.update(trainer_kwargs)
     trainer = trainer_module.Trainer(callbacks=callbacks, **settings)
-    trainer.fit(model, data if isinstance(data, DataLoader) else loader(data))
+    trainer.fit(model, data if isinstance(data, DataLoader) else loader(data), ckpt_path=ckpt_path)
     return trainer
