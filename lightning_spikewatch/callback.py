@@ -29,7 +29,7 @@ from lightning_spikewatch import report
 from lightning_spikewatch.causes import LayerGradients, SampleLoss, SampleLosses, SpikeContext, rank_causes
 from lightning_spikewatch.detector import SpikeDetector, StepSignals, Verdict
 from lightning_spikewatch.events import SpikeEvent
-from lightning_spikewatch.export import SpikeLog
+from lightning_spikewatch.export import PLOT_FILE, SpikeLog
 from lightning_spikewatch.replay import (
     find_dominant_samples,
     loss_from_output,
@@ -53,6 +53,7 @@ from lightning_spikewatch.stats import VectorHistory
 
 TOP_SAMPLES = 3
 LR_LOOKBACK = 8  # steps back in which a learning-rate jump can explain a spike
+LAYER_SNAPSHOT_ROWS = 32  # steps of per-layer gradient norms written to layers.jsonl per spike
 
 
 @dataclass(slots=True)
@@ -79,6 +80,7 @@ class _PendingSpike:
     record: _Batch
     context: SpikeContext
     signals: list[str] = field(default_factory=list)
+    layers: dict[str, Any] | None = None  # the per-layer norms leading up to the spike, for the heat map
 
 
 def _safely(part: str):
@@ -130,6 +132,8 @@ class _SpikeWatchHooks:
             fixed sample of about this many elements (exact norms are still read on a spike), so
             that watching does not cost a full pass over every gradient each step. None reads
             every element. Accelerators always read every element: one fused kernel is cheap there.
+        plot: when fit ends, draw ``spikes.png`` in ``log_dir`` (needs matplotlib, the ``plot``
+            extra) and log it to TensorBoard when the trainer has a TensorBoard logger.
 
     Raises:
         ValueError: if an argument is out of range.
@@ -159,6 +163,7 @@ class _SpikeWatchHooks:
         print_summary: bool = True,
         batch_size_fn: Callable[[Any], int] | None = None,
         grad_sample: int | None = 65536,
+        plot: bool = False,
     ) -> None:
         _check(isinstance(window, int) and window >= 8, "window", window, "an integer >= 8")
         _check(
@@ -201,7 +206,12 @@ class _SpikeWatchHooks:
             "None or an integer >= 1024",
         )
         _check(batch_size_fn is None or callable(batch_size_fn), "batch_size_fn", batch_size_fn, "a callable or None")
-        for name, value in (("replay", replay), ("print_spikes", print_spikes), ("print_summary", print_summary)):
+        for name, value in (
+            ("replay", replay),
+            ("print_spikes", print_spikes),
+            ("print_summary", print_summary),
+            ("plot", plot),
+        ):
             _check(isinstance(value, bool), name, value, "True or False")
         _check(log_dir is None or isinstance(log_dir, (str, os.PathLike)), "log_dir", log_dir, "a path or None")
         self.log_dir = log_dir
@@ -218,6 +228,7 @@ class _SpikeWatchHooks:
         self.print_summary = print_summary
         self.batch_size_fn = batch_size_fn
         self.grad_sample = grad_sample
+        self.plot = plot
         self.spikes: list[SpikeEvent] = []
         self._disabled: set[str] = set()
         self._restored: dict[str, Any] | None = None
@@ -241,6 +252,7 @@ class _SpikeWatchHooks:
         self._non_finite_streak = False
         self._grads: GradientReader | None = None
         self._layer_history: VectorHistory | None = None
+        self._layer_steps: deque[int] = deque(maxlen=self.window)
         self._lr_changes: dict[int, deque[tuple[int, list[float]]]] = {}
         self._records: list[_Batch] = []
         self._pending: list[_PendingSpike] = []
@@ -544,6 +556,7 @@ class _SpikeWatchHooks:
             if self._layer_history is None:
                 self._layer_history = VectorHistory(self.window)
             self._layer_history.record(layers if positions is None else self._grads.spread(layers, positions))
+            self._layer_steps.append(stepping.step)
 
         self.steps_watched += 1
         changes = self._lr_changes.get(id(optimizer))
@@ -668,7 +681,19 @@ class _SpikeWatchHooks:
         signals = list(verdict.outliers) + [
             f"non_finite:{name}" for name in verdict.non_finite if name not in verdict.outliers
         ]
-        self._pending.append(_PendingSpike(record, context, signals))
+        self._pending.append(_PendingSpike(record, context, signals, self._layer_snapshot(context)))
+
+    def _layer_snapshot(self, context: SpikeContext, rows: int = LAYER_SNAPSHOT_ROWS) -> dict[str, Any] | None:
+        history = self._layer_history
+        if history is None or self._grads is None or not history.count:
+            return None
+        kept = min(rows, history.count)
+        norms = [history.latest(back) for back in range(kept - 1, -1, -1)]
+        if context.layers is not None:  # exact norms of the spiking step replace its estimate
+            norms[-1] = list(context.layers.current)
+        steps = list(self._layer_steps)[-kept:]
+        steps = [None] * (kept - len(steps)) + steps  # rows restored from a checkpoint carry no step
+        return {"names": self._grads.names, "steps": steps, "norms": norms}
 
     def _finish_spike(self, trainer: Any, pending: _PendingSpike) -> None:
         """Complete the evidence with per-sample losses from the outputs, rank the causes, report."""
@@ -693,6 +718,10 @@ class _SpikeWatchHooks:
             self._unshared.append(event)  # handed to rank zero at the end of the epoch
         if self._log is not None:
             self._attempt("export", self._log.write_spike, event)
+            if pending.layers is not None:
+                self._attempt(
+                    "export", self._log.write_layers, {"step": event.step, "rank": event.rank, **pending.layers}
+                )
         if self.print_spikes and trainer.is_global_zero:
             self._attempt("console", self._announce, trainer, report.spike_line(event))
 
@@ -782,8 +811,40 @@ class _SpikeWatchHooks:
         if self._log is not None:
             self._attempt("export", self._log.write_summary, summary)
             self._attempt("export", self._log.close)
-        if self.print_summary and trainer.is_global_zero:
+        if not trainer.is_global_zero:
+            return
+        if self.print_summary:
             self._attempt("console", report.print_summary, summary, self.spikes, self._console)
+        figure = self._attempt("plot", self._plot) if self.plot else None
+        if trainer.loggers:
+            self._attempt("loggers", self._log_results, trainer, summary, figure)
+
+    def _plot(self) -> Any:
+        from lightning_spikewatch.logdir import load
+        from lightning_spikewatch.plot import MISSING_MATPLOTLIB, draw, matplotlib_available
+
+        if not matplotlib_available():
+            warnings.warn(f"SpikeWatch: plot=True but {MISSING_MATPLOTLIB}; no plot was drawn.", stacklevel=2)
+            return None
+        if self._resolved_log_dir is None or self.trace_every == 0:
+            return None
+        return draw(load(self._resolved_log_dir), self._resolved_log_dir / PLOT_FILE)
+
+    def _log_results(self, trainer: Any, summary: dict[str, Any], figure: Any) -> None:
+        """Spike counts per cause as scalars, the table as text, and the figure, where users already look."""
+        counts = {f"spikewatch/cause/{cause}": float(n) for cause, n in summary["causes"].items()}
+        counts["spikewatch/spikes_total"] = float(summary["spikes"])
+        table = report.markdown_table(self.spikes)
+        for logger in trainer.loggers:
+            logger.log_metrics(counts, step=trainer.global_step)
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):  # TensorBoard
+                experiment.add_text("spikewatch/spikes", table, global_step=trainer.global_step)
+                if figure is not None and hasattr(experiment, "add_figure"):
+                    experiment.add_figure("spikewatch/spikes", figure, global_step=trainer.global_step)
+            elif type(logger).__name__ == "CSVLogger" and logger.log_dir:
+                (Path(logger.log_dir) / "spikewatch_spikes.md").write_text(table + "\n", encoding="utf-8")
+            logger.save()
 
     def _observed_mode_size(self) -> int | None:
         if sum(self._sizes.values()) < self.warmup:

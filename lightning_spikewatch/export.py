@@ -18,6 +18,8 @@ from lightning_spikewatch.events import SpikeEvent, json_safe
 SPIKES_FILE = "spikes.jsonl"
 STEPS_FILE = "steps.csv"
 SUMMARY_FILE = "summary.json"
+LAYERS_FILE = "layers.jsonl"  # per-layer gradient norms of the steps before each spike
+PLOT_FILE = "spikes.png"
 TRACE_COLUMNS = ("step", "epoch", "batch_idx", "loss", "loss_z", "grad_norm", "input_rms", "batch_size", "lr", "spike")
 TRACE_FORMAT = "%d,%d,%d,%.6g,%.6g,%.6g,%.6g,%d,%.6g,%d\n"
 TRACE_BUFFER_ROWS = 512  # rows held in memory before they are formatted and written (bounded)
@@ -40,6 +42,8 @@ class SpikeLog:
         self.written = existing_keys(spikes_path) if append else set()  # resumed runs skip re-found spikes
         self._spikes: TextIO | None = open(spikes_path, mode, encoding="utf-8")
         self._steps: TextIO | None = None
+        self._layers: TextIO | None = None
+        self._mode, self._suffix = mode, suffix
         self._rows: list[tuple] = []
         if trace:
             path = self.log_dir / _with_suffix(STEPS_FILE, suffix)
@@ -56,6 +60,13 @@ class SpikeLog:
         self._spikes.write(json.dumps(event.to_dict(), allow_nan=False) + "\n")
         self._spikes.flush()
         self.flush_trace()
+
+    def write_layers(self, snapshot: Mapping[str, Any]) -> None:
+        """Append the per-layer gradient norms leading up to a spike (for the heat map)."""
+        if self._layers is None:
+            self._layers = open(self.log_dir / _with_suffix(LAYERS_FILE, self._suffix), self._mode, encoding="utf-8")
+        self._layers.write(json.dumps(json_safe(dict(snapshot)), allow_nan=False) + "\n")
+        self._layers.flush()
 
     def write_step(
         self,
@@ -115,10 +126,10 @@ class SpikeLog:
 
     def close(self) -> None:
         self.flush_trace()
-        for handle in (self._spikes, self._steps):
+        for handle in (self._spikes, self._steps, self._layers):
             if handle is not None:
                 handle.close()
-        self._spikes = self._steps = None
+        self._spikes = self._steps = self._layers = None
 
 
 def _with_suffix(name: str, suffix: str) -> str:

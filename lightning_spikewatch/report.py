@@ -62,8 +62,8 @@ def describe_evidence(cause: str, evidence: Mapping[str, Any]) -> str:
             return f"sample {_sample_names([first])}: loss {_num(first['loss'])} nats, p~{_num(e['probability'], 2)}"
         return f"batch loss {_num(e['batch_loss'])} nats, p~{_num(e['probability'], 2)}"
     if cause == Cause.INPUT_SCALE.value:
-        where = f", sample {e['sample']}" if e.get("sample") is not None else ""
-        return f"input max {_num(e['input_rms'])} vs typical {_num(e['typical_input_rms'])}{where}"
+        where = f", largest in sample #{e['sample']}" if e.get("sample") is not None else ""
+        return f"input RMS {_num(e['input_rms'])} vs typical {_num(e['typical_input_rms'])}{where}"
     if cause == Cause.ADAM_SECOND_MOMENT.value:
         return (
             f"{e['layer']}: update {_num(e['update_ratio'])}x lr per weight (typical {_num(e['typical_update_ratio'])})"
@@ -201,3 +201,16 @@ def print_summary(
     summary: Mapping[str, Any], events: Sequence[SpikeEvent | Mapping[str, Any]], console: Console
 ) -> None:
     console.print(summary_renderable(summary, events))
+
+
+def markdown_table(events: Sequence[SpikeEvent | Mapping[str, Any]], worst: int = 20) -> str:
+    """The worst spikes as a Markdown table, for loggers that show text (TensorBoard, a .md file)."""
+    dicts = sorted((_as_dict(e) for e in events), key=lambda d: -(d["zscore"] if d["zscore"] is not None else 1e300))
+    lines = ["| step | epoch/batch | loss | z | cause | evidence |", "|---:|---:|---:|---:|---|---|"]
+    for d in dicts[:worst]:
+        evidence = describe_evidence(d["cause"], d["evidence"]).replace("|", "/")
+        lines.append(
+            f"| {d['step']} | {d['epoch']}/{d['batch_idx']} | {_num(d['loss'], 4)} | {_num(d['zscore'])} "
+            f"| {d['cause']} | {evidence} |"
+        )
+    return "\n".join(lines)

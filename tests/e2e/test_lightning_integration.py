@@ -226,3 +226,27 @@ def test_sharded_strategies_switch_off_the_per_rank_partial_signals():
         == "the FSDPStrategy shards parameters across ranks"
     )
     assert sharded_reason(SimpleNamespace(strategy=object()), module) is None
+
+
+def test_plot_at_fit_end_and_results_in_the_csv_logger(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    w = SpikeWatch(print_spikes=False, print_summary=False, plot=True)
+    fit(seeded(TinyNet), outlier_data(), [w], logger=CSVLogger(tmp_path))
+    version = tmp_path / "lightning_logs" / "version_0"
+    assert (version / "spikewatch" / "spikes.png").read_bytes()[:4] == b"\x89PNG"
+    assert "outlier_sample" in (version / "spikewatch_spikes.md").read_text()
+    metrics = list(csv.DictReader((version / "metrics.csv").open()))
+    assert [r["spikewatch/cause/outlier_sample"] for r in metrics if r.get("spikewatch/cause/outlier_sample")] == [
+        "1.0"
+    ]
+
+
+def test_plot_without_matplotlib_warns_once_and_finishes(tmp_path, monkeypatch):
+    import lightning_spikewatch.plot as plot
+
+    monkeypatch.setattr(plot, "matplotlib_available", lambda: False)
+    w = watch(tmp_path, plot=True)
+    with pytest.warns(UserWarning, match=r"plot=True but plotting needs matplotlib"):
+        trainer = fit(seeded(TinyNet), outlier_data(), [w])
+    assert trainer.state.finished and not (tmp_path / "spikes.png").exists() and len(w.spikes) == 1
