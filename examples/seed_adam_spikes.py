@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - the package also works with pytorch_li
     import pytorch_lightning as pl
 
 from lightning_spikewatch import SpikeWatch
+from lightning_spikewatch.plot import matplotlib_available as plot_available
 
 DATASET_SIZE = 993  # 31 batches of 32, then a batch of 1
 BATCH_SIZE = 32
@@ -63,13 +64,15 @@ class SeedMLP(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def run(title: str, *, drop_last: bool, full_batch: bool = False, epochs: int = 40, log_root: Path) -> SpikeWatch:
+def run(
+    title: str, *, drop_last: bool, full_batch: bool = False, epochs: int = 40, log_root: Path, plot: bool = False
+) -> SpikeWatch:
     pl.seed_everything(0, verbose=False)
     dataset = make_dataset()
     batch_size = len(dataset) if full_batch else BATCH_SIZE
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last)
     model = SeedMLP("sgd" if full_batch else "adam", lr=0.5 if full_batch else 1e-3)
-    watch = SpikeWatch(log_dir=log_root / title.replace(" ", "_"))
+    watch = SpikeWatch(log_dir=log_root / title.replace(" ", "_").replace(",", ""), plot=plot and plot_available())
     trainer = pl.Trainer(
         max_epochs=epochs * (8 if full_batch else 1),
         callbacks=[watch],
@@ -97,7 +100,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     log_root = args.log_dir or Path("spikewatch_demo")
 
-    adam = run("Adam, batch 32, last batch of 1", drop_last=False, epochs=args.epochs, log_root=log_root)
+    adam = run("Adam, batch 32, last batch of 1", drop_last=False, epochs=args.epochs, log_root=log_root, plot=True)
     fixed = run("Adam, batch 32, drop_last=True", drop_last=True, epochs=args.epochs, log_root=log_root)
     full = run("Full-batch gradient descent", drop_last=False, full_batch=True, epochs=args.epochs, log_root=log_root)
 
@@ -107,7 +110,9 @@ def main() -> None:
     print(f"Adam on mini-batches: {len(causes)} spike(s), {short} attributed to short_batch.")
     print(f"Same run with drop_last=True: {len(fixed.spikes)} spike(s).")
     print(f"Full-batch gradient descent: {len(full.spikes)} spike(s).")
-    print(f"Spike logs: {log_root}")
+    print(f"Spike logs: {log_root}  (try: spikewatch report {adam.resolved_log_dir})")
+    if adam.plot:
+        print(f"Plot: {adam.resolved_log_dir / 'spikes.png'}")
 
 
 if __name__ == "__main__":
