@@ -16,6 +16,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -382,6 +383,48 @@ def scaling_check(workload: Workload, accelerator: str, skip: int, console: Cons
     return {"rows": rows, "trace_mb_per_million_steps": mb_per_million}
 
 
+def spike_cost(workload: Workload, accelerator: str, console: Console) -> dict:
+    """What one spike costs: evidence gathering and the replay that names the samples."""
+    from lightning_spikewatch.callback import _SpikeWatchHooks
+
+    timings: list[float] = []
+    original = _SpikeWatchHooks._start_spike
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        original(self, *args, **kwargs)
+        timings.append(time.perf_counter() - start)
+
+    class Outliers(TensorDataset):  # every 40th batch carries one sample with blown-up inputs
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return (x * 1000.0, y) if i % (40 * workload.batch_size) == 40 * workload.batch_size - 25 else (x, y)
+
+    loader = workload.loader(400)
+    data = Outliers(*loader.dataset.tensors)
+    _SpikeWatchHooks._start_spike = timed
+    try:
+        trainer = pl.Trainer(
+            max_steps=400,
+            accelerator=accelerator,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[SpikeWatch(log_dir=tempfile.mkdtemp(), print_spikes=False, print_summary=False)],
+        )
+        trainer.fit(workload.model(), DataLoader(data, batch_size=workload.batch_size, drop_last=True))
+    finally:
+        _SpikeWatchHooks._start_spike = original
+    per_spike_ms = statistics.median(timings) * 1e3 if timings else math.nan
+    console.print(
+        f"{workload.name}: one spike costs {per_spike_ms:.1f} ms (median of {len(timings)} spikes: evidence, "
+        f"Adam state and the replay that names the samples, up to {SpikeWatch().max_replays} training_step calls)"
+    )
+    return {"per_spike_ms": per_spike_ms, "spikes": len(timings)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
@@ -406,6 +449,9 @@ def main() -> None:
     }
     if torch.cuda.is_available() and args.accelerator == "gpu":
         report["machine"]["gpu"] = torch.cuda.get_device_name()
+    report["spike_cost"] = {
+        name: spike_cost(WORKLOADS[name], args.accelerator, console) for name in args.workloads.split(",")
+    }
     if args.scaling:
         report["scaling"] = scaling_check(WORKLOADS[args.workloads.split(",")[0]], args.accelerator, args.skip, console)
     if args.out:

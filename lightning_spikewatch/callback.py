@@ -346,7 +346,7 @@ class _SpikeWatchHooks:
             "batches_watched": self.batches_watched,
             "amp_skipped_steps": self.amp_skipped_steps,
             "non_finite_repeats": self.non_finite_repeats,
-            "layer_history": [list(row) for row in layers._rows] if layers is not None else [],
+            "layer_history": layers.rows() if layers is not None else [],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -181,6 +181,10 @@ class VectorHistory:
     def record(self, values: Sequence[float]) -> None:
         self._rows.append(values)
 
+    def rows(self) -> list[list[float]]:
+        """The stored vectors, oldest first (for checkpoints)."""
+        return [list(row) for row in self._rows]
+
     def latest(self, back: int = 0) -> list[float] | None:
         """The vector recorded ``back`` records before the newest one (None if there is none)."""
         if back >= len(self._rows):
