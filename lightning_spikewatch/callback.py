@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import warnings
-import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -232,13 +231,14 @@ class _SpikeWatchHooks:
         self.spikes: list[SpikeEvent] = []
         self._disabled: set[str] = set()
         self._restored: dict[str, Any] | None = None
-        self._instance = _number_instance(self)
-        settings = {"log_dir": None if log_dir is None else str(log_dir)}
-        if self._instance > 1:
-            settings["instance"] = self._instance
-        self._state_key = (
-            self._generate_state_key(**settings) if log_dir is not None or self._instance > 1 else "SpikeWatch"
-        )
+        self._instance = 1  # among the default-folder SpikeWatch callbacks of the trainer (see on_fit_start)
+        # Checkpoint key: the class name, plus the settings that set this instance apart, so two
+        # differently configured callbacks in one Trainer keep separate state (and keep it on resume).
+        defaults = {"log_dir": None, "window": 128, "warmup": 20, "z_threshold": 6.0}
+        chosen = {"log_dir": None if log_dir is None else str(log_dir), "window": window, "warmup": warmup}
+        chosen["z_threshold"] = float(z_threshold)
+        distinct = {k: v for k, v in chosen.items() if v != defaults[k]}
+        self._state_key = self._generate_state_key(**distinct) if distinct else "SpikeWatch"
         self._reset_run_state()
 
     # ------------------------------------------------------------------ run state
@@ -314,6 +314,9 @@ class _SpikeWatchHooks:
                     f"SpikeWatch: {reason}, so per-layer gradient norms, Adam state and batch replay are off; "
                     "the loss, inputs, learning rate and batch composition are still watched."
                 )
+        if self.log_dir is None:  # a second default-folder SpikeWatch writes to spikewatch_2/, and so on
+            before = trainer.callbacks[: next(i for i, cb in enumerate(trainer.callbacks) if cb is self)]
+            self._instance = 1 + sum(isinstance(cb, _SpikeWatchHooks) and cb.log_dir is None for cb in before)
         # trainer.log_dir broadcasts under DDP: every rank resolves it, so the collective is symmetric.
         directory = self._attempt("export", self._resolve_log_dir, trainer)
         if directory is not None:
@@ -855,22 +858,6 @@ class _SpikeWatchHooks:
     def resolved_log_dir(self) -> Path | None:
         """The folder the exports went to in the last fit (None before fit or on non-zero ranks)."""
         return self._resolved_log_dir
-
-
-_DEFAULT_INSTANCES: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
-
-
-def _number_instance(watch: Any) -> int:
-    """1 for the first live SpikeWatch with a default log_dir, 2 for a second one, and so on:
-    two callbacks in one Trainer then write to different folders and checkpoint separately.
-    Numbers of collected instances are reused, so a re-run notebook cell gets 1 again."""
-    if watch.log_dir is not None:
-        return 1
-    number = 1
-    while _DEFAULT_INSTANCES.get(number) is not None:
-        number += 1
-    _DEFAULT_INSTANCES[number] = watch
-    return number
 
 
 SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")

@@ -1,10 +1,11 @@
 """Resuming from a checkpoint keeps the windows and the history; long runs stay bounded."""
 
-import gc
 import json
 import math
 import random
 import tracemalloc
+
+import pytest
 
 from lightning_spikewatch import SpikeWatch
 from lightning_spikewatch.detector import SpikeDetector, StepSignals
@@ -76,17 +77,14 @@ def test_memory_does_not_grow_with_the_number_of_steps():
 def test_two_instances_in_one_trainer_write_separately_and_both_resume(tmp_path):
     data = regression_data()
     data.y[position(40)] += 30.0
-    gc.collect()  # callbacks of earlier tests are gone, as in a fresh process
     a = SpikeWatch(print_spikes=False, print_summary=False)
     b = SpikeWatch(print_spikes=False, print_summary=False, z_threshold=4.0)
     assert a.state_key != b.state_key
     trainer = fit(seeded(TinyNet), data, [a, b], default_root_dir=tmp_path, enable_checkpointing=True)
-    assert a.resolved_log_dir != b.resolved_log_dir
+    assert (a.resolved_log_dir.name, b.resolved_log_dir.name) == ("spikewatch", "spikewatch_2")
     assert (a.resolved_log_dir / "spikes.jsonl").exists() and (b.resolved_log_dir / "spikes.jsonl").exists()
     assert [e.step for e in a.spikes] == [40] and 40 in [e.step for e in b.spikes]
     checkpoint = trainer.checkpoint_callback.best_model_path
-    del trainer, a, b  # as in a new process: the resumed callbacks are numbered 1 and 2 again
-    gc.collect()
     c = SpikeWatch(print_spikes=False, print_summary=False)
     d = SpikeWatch(print_spikes=False, print_summary=False, z_threshold=4.0)
     fit(seeded(TinyNet), data, [c, d], default_root_dir=tmp_path, max_epochs=2, ckpt_path=checkpoint)
@@ -116,3 +114,8 @@ def test_resume_works_with_both_namespaces_checkpoints(tmp_path):
         ckpt_path=trainer.checkpoint_callback.best_model_path,
     )
     assert resumed.steps_watched == 120 and resumed.detector.batches_seen == 120
+
+
+def test_two_identical_instances_are_refused_by_lightning_with_its_message():
+    with pytest.raises(RuntimeError, match="more than one stateful callback"):
+        fit(seeded(TinyNet), regression_data(), [SpikeWatch(), SpikeWatch()])
