@@ -183,6 +183,21 @@ class StepClock(pl.Callback):
         return (self.cpu_end - self.cpu_start) / max(1, len(self.stamps) - 1)
 
 
+def quiet_trainer(steps: int, accelerator: str, callbacks: list) -> pl.Trainer:
+    """A Trainer with progress bar, logger, checkpointing and summary off: the loop itself is measured."""
+    return pl.Trainer(
+        max_steps=steps,
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=tempfile.mkdtemp(prefix="bench_"),
+    )
+
+
 def run_once(
     workload: Workload, variant: str, steps: int, skip: int, accelerator: str, trace_memory: bool = False
 ) -> dict | None:
@@ -191,17 +206,7 @@ def run_once(
         return None
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
     clock = StepClock(skip, device)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator=accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clock] + ([extra] if extra is not None else []),
-        default_root_dir=tempfile.mkdtemp(prefix="bench_"),
-    )
+    trainer = quiet_trainer(steps, accelerator, [clock] + ([extra] if extra is not None else []))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     gc.collect()
@@ -354,16 +359,7 @@ def scaling_check(workload: Workload, accelerator: str, skip: int, console: Cons
     # Trace size: write a known number of rows and extrapolate to a million steps.
     log_dir = Path(tempfile.mkdtemp(prefix="spikewatch_trace_"))
     watch = SpikeWatch(log_dir=log_dir, print_spikes=False, print_summary=False)
-    trainer = pl.Trainer(
-        max_steps=2000,
-        accelerator=accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[watch],
-    )
+    trainer = quiet_trainer(2000, accelerator, [watch])
     trainer.fit(WORKLOADS["seed_mlp"].model(), WORKLOADS["seed_mlp"].loader(2000))
     rows_written = sum(1 for _ in (log_dir / "steps.csv").open()) - 1
     mb_per_million = os.path.getsize(log_dir / "steps.csv") / rows_written * 1e6 / 2**20
@@ -404,16 +400,8 @@ def spike_cost(workload: Workload, accelerator: str, console: Console) -> dict:
     data = Outliers(*loader.dataset.tensors)
     _SpikeWatchHooks._start_spike = timed
     try:
-        trainer = pl.Trainer(
-            max_steps=400,
-            accelerator=accelerator,
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[SpikeWatch(log_dir=tempfile.mkdtemp(), print_spikes=False, print_summary=False)],
-        )
+        watch = SpikeWatch(log_dir=tempfile.mkdtemp(), print_spikes=False, print_summary=False)
+        trainer = quiet_trainer(400, accelerator, [watch])
         trainer.fit(workload.model(), DataLoader(data, batch_size=workload.batch_size, drop_last=True))
     finally:
         _SpikeWatchHooks._start_spike = original

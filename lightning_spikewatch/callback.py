@@ -72,6 +72,17 @@ class _Batch:
     grad_positions: list[int] | None = None
 
 
+@dataclass(slots=True)
+class _StepNumbers:
+    """One optimizer step's numbers on the host."""
+
+    layers: list[float]  # gradient norm of each present parameter (scaled up where sampled)
+    grad_positions: list[int] | None  # parameters those norms belong to, when some had no gradient
+    input_norms: list[float]  # L2 norm of each floating input tensor, batch after batch
+    losses: list[float]  # each batch's loss, unscaled and undivided
+    amp_scaled: bool  # an fp16 GradScaler was active
+
+
 @dataclass
 class _PendingSpike:
     """A flagged batch whose event is completed in ``on_train_batch_end`` (when outputs are known)."""
@@ -520,14 +531,13 @@ class _SpikeWatchHooks:
         scale = getattr(scaler, "_scale", None)
         return scale.reshape(()) if isinstance(scale, torch.Tensor) else None
 
-    def _evaluate(self, trainer: Any, pl_module: Any, records: list[_Batch], optimizer: Any) -> None:
-        """One fused norm, one transfer, then the detector on each batch of this optimizer step."""
+    def _read_step(self, trainer: Any, records: list[_Batch]) -> _StepNumbers:
+        """One fused norm over gradients and inputs, and one transfer to the host with the losses."""
         inputs: list[torch.Tensor] = []
         for record in records:
             self._read_batch(trainer, record)
             inputs += record.inputs
-        stepping = records[-1]
-        factors = None
+        stepping, factors = records[-1], None
         if self._manual:
             grads, positions = [], stepping.grad_positions
         elif self._grads is not None and "grad_norms" not in self._disabled:
@@ -542,74 +552,95 @@ class _SpikeWatchHooks:
         if scale is not None:
             scalars.append(scale)
         host = to_host(scalars)  # the one device-to-host transfer of the step
-        n_layers = len(layer_norms)
-        layers, rest = host[:n_layers], host[n_layers:]
+        layers, rest = host[: len(layer_norms)], host[len(layer_norms) :]
         if factors is not None:  # sampled on the CPU: scale each estimate up to the full tensor
             layers = [norm * factor for norm, factor in zip(layers, factors)]
-        divisor = rest.pop() if scale is not None else 1.0
-        losses = rest[len(inputs) :]
-        factor = 1 if self._manual else self._accumulate
-        grad_norm = math.hypot(*layers) if n_layers else None
-        if grad_norm is not None and scale is not None and not math.isfinite(grad_norm):
-            if all(math.isfinite(v) for v in losses):
+        divisor = rest.pop() if scale is not None else 1.0  # undo fp16 loss scaling ...
+        factor = 1 if self._manual else self._accumulate  # ... and Lightning's division by accumulation
+        losses = [loss * factor / divisor for loss in rest[len(inputs) :]]
+        return _StepNumbers(layers, positions, rest[: len(inputs)], losses, scale is not None)
+
+    def _evaluate(self, trainer: Any, pl_module: Any, records: list[_Batch], optimizer: Any) -> None:
+        """Read the step's numbers, keep the layer history, then run the detector on each batch."""
+        numbers = self._read_step(trainer, records)
+        stepping, layers = records[-1], numbers.layers
+        grad_norm = math.hypot(*layers) if layers else None
+        if grad_norm is not None and numbers.amp_scaled and not math.isfinite(grad_norm):
+            if all(math.isfinite(v) for v in numbers.losses):
                 # fp16: the GradScaler skips this step and lowers its scale; routine, not a spike.
                 self.amp_skipped_steps += 1
                 grad_norm = None
         if grad_norm is not None and math.isfinite(grad_norm):
             if self._layer_history is None:
                 self._layer_history = VectorHistory(self.window)
+            positions = numbers.grad_positions
             self._layer_history.record(layers if positions is None else self._grads.spread(layers, positions))
             self._layer_steps.append(stepping.step)
-
         self.steps_watched += 1
-        changes = self._lr_changes.get(id(optimizer))
-        lr = changes[-1][1][0] if changes and changes[-1][1] else None
-        detector, log, trace_every = self.detector, self._log, self.trace_every
         offset = 0
-        for record, raw_loss in zip(records, losses):
+        for record, loss in zip(records, numbers.losses):
             count = len(record.inputs)
             input_rms = None
             if record.input_numel:
-                input_rms = math.sqrt(math.fsum(v * v for v in rest[offset : offset + count]) / record.input_numel)
+                squares = math.fsum(v * v for v in numbers.input_norms[offset : offset + count])
+                input_rms = math.sqrt(squares / record.input_numel)
             offset += count
-            loss = raw_loss * factor / divisor
-            record_grad_norm = grad_norm if record is stepping else None
-            self.batches_watched += 1
-            loss_z = detector.observe_quietly(loss, record_grad_norm, input_rms)
-            is_spike = loss_z is None
-            if is_spike:
-                signals = StepSignals(loss, record_grad_norm, input_rms)
-                verdict = detector.observe(signals)
-                loss_z = verdict.loss_z
-                if verdict.is_spike:
-                    self._on_flagged(trainer, pl_module, record, verdict, signals, optimizer, record is stepping)
-                is_spike = verdict.is_spike
-            if not is_spike:
-                self._non_finite_streak = False
-            self._last_loss_z = loss_z
-            if log is not None and trace_every and (is_spike or self.batches_watched % trace_every == 0):
-                try:
-                    log.write_step(
-                        record.step,
-                        record.epoch,
-                        record.batch_idx,
-                        loss,
-                        loss_z,
-                        record_grad_norm,
-                        input_rms,
-                        record.size,
-                        lr,
-                        is_spike,
-                    )
-                except Exception as err:  # noqa: BLE001 - a full disk stops the trace, not the run
-                    self._disable("export", err)
-                    self._log = log = None
-            if record.size is not None:
-                if self._nominal_batch_size is None:
-                    self._sizes[record.size] += 1
-                self._previous_batch_size = record.size
+            signals = StepSignals(loss, grad_norm if record is stepping else None, input_rms)
+            self._observe(trainer, pl_module, record, signals, optimizer, record is stepping)
 
-    def _on_flagged(self, trainer, pl_module, record, verdict, signals, optimizer, is_stepping) -> None:
+    def _observe(
+        self, trainer: Any, pl_module: Any, record: _Batch, signals: StepSignals, optimizer: Any, stepping: bool
+    ) -> None:
+        """The detector on one batch; the quiet case allocates nothing and returns at once."""
+        self.batches_watched += 1
+        loss_z = self.detector.observe_quietly(signals.loss, signals.grad_norm, signals.input_rms)
+        is_spike = False
+        if loss_z is None:  # a spike, or a non-finite value: the full verdict
+            verdict = self.detector.observe(signals)
+            loss_z, is_spike = verdict.loss_z, verdict.is_spike
+            if is_spike:
+                self._on_flagged(trainer, pl_module, record, verdict, signals, optimizer, stepping)
+        if not is_spike:
+            self._non_finite_streak = False
+        self._last_loss_z = loss_z
+        if self._log is not None and self.trace_every:
+            if is_spike or self.batches_watched % self.trace_every == 0:
+                self._trace(record, signals, loss_z, optimizer, is_spike)
+        if record.size is not None:
+            if self._nominal_batch_size is None:
+                self._sizes[record.size] += 1
+            self._previous_batch_size = record.size
+
+    def _trace(self, record: _Batch, signals: StepSignals, loss_z: float, optimizer: Any, is_spike: bool) -> None:
+        changes = self._lr_changes.get(id(optimizer))
+        lr = changes[-1][1][0] if changes and changes[-1][1] else None
+        try:
+            self._log.write_step(
+                record.step,
+                record.epoch,
+                record.batch_idx,
+                signals.loss,
+                loss_z,
+                signals.grad_norm,
+                signals.input_rms,
+                record.size,
+                lr,
+                is_spike,
+            )
+        except Exception as err:  # noqa: BLE001 - a full disk stops the files, not the run
+            self._disable("export", err)
+            self._log = None
+
+    def _on_flagged(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        record: _Batch,
+        verdict: Verdict,
+        signals: StepSignals,
+        optimizer: Any,
+        is_stepping: bool,
+    ) -> None:
         repeat = bool(verdict.non_finite) and self._non_finite_streak
         self._non_finite_streak = bool(verdict.non_finite)
         if repeat:
