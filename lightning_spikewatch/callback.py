@@ -506,6 +506,10 @@ class _SpikeWatchHooks:
     def _record_lr(self, step: int, optimizer: Any) -> None:
         """Keep the learning rates only when they change: no per-step allocation."""
         lrs = [group["lr"] for group in optimizer.param_groups]
+        if any(isinstance(lr, torch.Tensor) for lr in lrs):
+            if any(lr.device.type != "cpu" for lr in lrs if isinstance(lr, torch.Tensor)):
+                return  # reading a learning rate kept on the GPU would cost a sync every step
+            lrs = [float(lr) for lr in lrs]
         changes = self._lr_changes.get(id(optimizer))
         if changes is None:
             changes = self._lr_changes[id(optimizer)] = deque(maxlen=LR_LOOKBACK + 2)
