@@ -326,7 +326,8 @@ class _SpikeWatchHooks:
                     "the loss, inputs, learning rate and batch composition are still watched."
                 )
         if self.log_dir is None:  # a second default-folder SpikeWatch writes to spikewatch_2/, and so on
-            before = trainer.callbacks[: next(i for i, cb in enumerate(trainer.callbacks) if cb is self)]
+            position = next((i for i, cb in enumerate(trainer.callbacks) if cb is self), len(trainer.callbacks))
+            before = trainer.callbacks[:position]
             self._instance = 1 + sum(isinstance(cb, _SpikeWatchHooks) and cb.log_dir is None for cb in before)
         # trainer.log_dir broadcasts under DDP: every rank resolves it, so the collective is symmetric.
         directory = self._attempt("export", self._resolve_log_dir, trainer)
