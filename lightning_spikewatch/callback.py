@@ -42,6 +42,7 @@ from lightning_spikewatch.signals import (
     class_counts,
     dataset_indices,
     fused_norms,
+    index_value,
     input_tensors,
     largest_input_position,
     slice_batch,
@@ -705,7 +706,8 @@ class _SpikeWatchHooks:
                 current = self._grads.spread(to_host(fused_norms(grads)), positions)
             context.layers = LayerGradients(self._grads.names, current, history.typical(), previous)
         if record.size:
-            index_tensor = _index_tensor(record.batch, self.index_keys)
+            index_tensor = index_value(record.batch, self.index_keys)
+            index_tensor = index_tensor if isinstance(index_tensor, torch.Tensor) else None
             exclude = [index_tensor] if index_tensor is not None else []
             context.class_counts = self._attempt("inputs", class_counts, leaves, record.size, exclude)
             context.has_integer_targets = any(
@@ -915,14 +917,6 @@ def rank_zero_info(message: str) -> None:
 
 def _severity(event: SpikeEvent) -> float:
     return math.inf if math.isnan(event.zscore) else event.zscore
-
-
-def _index_tensor(batch: Any, keys: Sequence[str]) -> torch.Tensor | None:
-    for key in keys:
-        value = batch.get(key) if isinstance(batch, Mapping) else getattr(batch, key, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    return None
 
 
 def _samples_from_losses(record: _Batch, index_keys: Sequence[str]) -> SampleLosses | None:

@@ -61,10 +61,6 @@ class SpikeDetector:
         self.windows = {name: RobustWindow(window, min_rel_spread, keep_sorted=name == "loss") for name in WATCHED}
         self.batches_seen = 0
 
-    @property
-    def warmed_up(self) -> bool:
-        return len(self.windows["loss"]) >= self.warmup
-
     def observe(self, signals: StepSignals) -> Verdict:
         """Score ``signals`` against the windows (which exclude them), then add them.
 

@@ -218,14 +218,22 @@ def slice_batch(batch: Any, positions: Sequence[int], batch_size: int) -> Any:
     return apply_to_collection(batch, torch.Tensor, take)
 
 
-def dataset_indices(batch: Any, keys: Sequence[str], batch_size: int) -> list[int] | None:
-    """Dataset indices carried by the batch under one of ``keys`` (dict key or attribute), if any."""
+def index_value(batch: Any, keys: Sequence[str]) -> Any:
+    """The first value the batch carries under one of ``keys`` (dict key or attribute), or None."""
     for key in keys:
         value = batch.get(key) if isinstance(batch, Mapping) else getattr(batch, key, None)
-        if isinstance(value, torch.Tensor) and value.ndim == 1 and value.shape[0] == batch_size:
-            return [int(v) for v in value.tolist()]
-        if isinstance(value, (list, tuple)) and len(value) == batch_size and all(isinstance(v, int) for v in value):
-            return list(value)
+        if value is not None:
+            return value
+    return None
+
+
+def dataset_indices(batch: Any, keys: Sequence[str], batch_size: int) -> list[int] | None:
+    """Dataset indices carried by the batch under one of ``keys``, if they fit the batch size."""
+    value = index_value(batch, keys)
+    if isinstance(value, torch.Tensor) and value.ndim == 1 and value.shape[0] == batch_size:
+        return [int(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)) and len(value) == batch_size and all(isinstance(v, int) for v in value):
+        return list(value)
     return None
 
 
