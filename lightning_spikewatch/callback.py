@@ -25,10 +25,12 @@ from rich import get_console
 from rich.text import Text
 
 from lightning_spikewatch import report
+from lightning_spikewatch.actions import STRENGTH, Action, ActionPolicy, ActionTaken, SkipEntry, SkipList, stronger
 from lightning_spikewatch.causes import LayerGradients, SampleLoss, SampleLosses, SpikeContext, rank_causes
 from lightning_spikewatch.detector import SpikeDetector, StepSignals, Verdict
-from lightning_spikewatch.events import SpikeEvent
-from lightning_spikewatch.export import PLOT_FILE, SpikeLog
+from lightning_spikewatch.events import Cause, SpikeEvent
+from lightning_spikewatch.export import PLOT_FILE, SpikeLog, read_skip_entries
+from lightning_spikewatch.interventions import clip_gradients, drop_update, drops_missing_gradients, fingerprint_tensors
 from lightning_spikewatch.replay import (
     find_dominant_samples,
     loss_from_output,
@@ -71,6 +73,7 @@ class _Batch:
     per_sample_loss: torch.Tensor | None = None
     layer_norms: tuple[torch.Tensor, ...] | None = None  # manual optimization: read at the first step
     grad_positions: list[int] | None = None
+    fingerprint: tuple[float, ...] | None = None  # read only while batches are listed to skip
 
 
 @dataclass(slots=True)
@@ -92,6 +95,7 @@ class _PendingSpike:
     context: SpikeContext
     signals: list[str] = field(default_factory=list)
     layers: dict[str, Any] | None = None  # the per-layer norms leading up to the spike, for the heat map
+    action: ActionTaken | None = None  # what the opt-in action did to its optimizer step
 
 
 def _safely(part: str):
@@ -145,6 +149,15 @@ class _SpikeWatchHooks:
             every element. Accelerators always read every element: one fused kernel is cheap there.
         plot: when fit ends, draw ``spikes.png`` in ``log_dir`` (needs matplotlib, the ``plot``
             extra) and log it to TensorBoard when the trainer has a TensorBoard logger.
+        action: what to do about a spike before the optimizer uses its gradients. None (default)
+            only watches and changes nothing. ``"skip"`` drops the step's update; ``"clip"``
+            scales the gradient down to the largest norm the detector does not call an outlier;
+            ``"stop"`` drops the update, saves ``stop_step<N>.ckpt`` and lists the batch in
+            ``skip_batches.jsonl`` in ``log_dir``, and ends the fit; resuming from a checkpoint
+            with SpikeWatch skips the listed batches. With an action, a gradient-norm outlier
+            counts as a spike even when the loss has not moved yet. Automatic optimization only.
+        act_on: the causes the action applies to, e.g. ``["outlier_sample", "non_finite"]``;
+            every cause when None.
 
     Raises:
         ValueError: if an argument is out of range.
@@ -175,6 +188,8 @@ class _SpikeWatchHooks:
         batch_size_fn: Callable[[Any], int] | None = None,
         grad_sample: int | None = 65536,
         plot: bool = False,
+        action: str | None = None,
+        act_on: Sequence[str] | None = None,
     ) -> None:
         _check(isinstance(window, int) and window >= 8, "window", window, "an integer >= 8")
         _check(
@@ -225,6 +240,15 @@ class _SpikeWatchHooks:
         ):
             _check(isinstance(value, bool), name, value, "True or False")
         _check(log_dir is None or isinstance(log_dir, (str, os.PathLike)), "log_dir", log_dir, "a path or None")
+        _check(
+            act_on is None or action is not None,
+            "act_on",
+            act_on,
+            "None unless an action is chosen (e.g. action='skip')",
+        )
+        self._policy = ActionPolicy.build(action, act_on) if action is not None else None
+        self.action = action
+        self.act_on = None if act_on is None else tuple(act_on)
         self.log_dir = log_dir
         self.window = window
         self.warmup = warmup
@@ -256,7 +280,15 @@ class _SpikeWatchHooks:
     # ------------------------------------------------------------------ run state
 
     def _reset_run_state(self) -> None:
-        self.detector = SpikeDetector(self.window, self.warmup, self.z_threshold, self.min_rel_spread)
+        self.detector = SpikeDetector(
+            self.window, self.warmup, self.z_threshold, self.min_rel_spread, watch_grad_norm=self._policy is not None
+        )
+        self.actions_taken: Counter[str] = Counter()
+        self.stopped: dict[str, Any] | None = None  # where action="stop" ended the fit, and its checkpoint
+        self._skip_list = SkipList()
+        self._step_grad_norm: float | None = None
+        self._repeat_this_step = False
+        self._stop_entry: SkipEntry | None = None
         self.steps_watched = 0
         self.batches_watched = 0
         self.amp_skipped_steps = 0
@@ -311,20 +343,28 @@ class _SpikeWatchHooks:
         self._reset_run_state()
         self.spikes = []
         self._fit_started = True
+        self._skip_list.rank = trainer.global_rank
         resumed = self._restored is not None
         if resumed:
             self._apply_state(self._restored)
         self._manual = not pl_module.automatic_optimization
+        if self._policy is not None and self._manual:
+            self._disabled.add("action")
+            warnings.warn(
+                f"SpikeWatch: action={self.action!r} needs automatic optimization; with manual optimization "
+                "SpikeWatch only watches. Drop or clip the step in your training_step instead.",
+                stacklevel=2,
+            )
         self._grads = GradientReader(pl_module.named_parameters(), self.grad_sample)
         reason = sharded_reason(trainer, pl_module)
         if reason is not None:
             # Each rank holds a shard: per-layer norms and Adam state would be partial, and a replay
             # on one rank would wait forever on the others' all-gathers. Say so once, keep the rest.
-            self._disabled.update({"grad_norms", "adam", "replay"})
+            self._disabled.update({"grad_norms", "adam", "replay", "action"})
             if trainer.is_global_zero:
                 rank_zero_info(
-                    f"SpikeWatch: {reason}, so per-layer gradient norms, Adam state and batch replay are off; "
-                    "the loss, inputs, learning rate and batch composition are still watched."
+                    f"SpikeWatch: {reason}, so per-layer gradient norms, Adam state, batch replay and actions are "
+                    "off; the loss, inputs, learning rate and batch composition are still watched."
                 )
         if self.log_dir is None:  # a second default-folder SpikeWatch writes to spikewatch_2/, and so on
             position = next((i for i, cb in enumerate(trainer.callbacks) if cb is self), len(trainer.callbacks))
@@ -336,6 +376,9 @@ class _SpikeWatchHooks:
             self._resolved_log_dir = directory
             suffix = "" if trainer.is_global_zero else f"rank{trainer.global_rank}"
             self._log = self._attempt("export", SpikeLog, directory, resumed, self.trace_every > 0, suffix)
+            if resumed:  # batches a stop set aside after the checkpoint resumed from was written
+                listed = self._attempt("action", read_skip_entries, directory, suffix) or []
+                self._attempt("action", self._skip_list.add, [SkipEntry.from_dict(d) for d in listed])
 
     def _resolve_log_dir(self, trainer: Any) -> Path:
         if self.log_dir is not None:
@@ -363,6 +406,8 @@ class _SpikeWatchHooks:
             "amp_skipped_steps": self.amp_skipped_steps,
             "non_finite_repeats": self.non_finite_repeats,
             "layer_history": layers.rows() if layers is not None else [],
+            "skip_list": self._skip_list.state_dict(),
+            "actions_taken": dict(self.actions_taken),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -377,6 +422,8 @@ class _SpikeWatchHooks:
         self.batches_watched = state.get("batches_watched", 0)
         self.amp_skipped_steps = state.get("amp_skipped_steps", 0)
         self.non_finite_repeats = state.get("non_finite_repeats", 0)
+        self._skip_list.load_state_dict(state.get("skip_list", {}))
+        self.actions_taken = Counter(state.get("actions_taken", {}))
         if state.get("layer_history"):
             self._layer_history = VectorHistory(self.window)
             for row in state["layer_history"][-self.window :]:
@@ -434,6 +481,10 @@ class _SpikeWatchHooks:
         self._records = []
         if records:
             self._evaluate(trainer, pl_module, records, optimizer)
+            if self._acts_every_step(trainer):  # DDP: the ranks agree on each step's action
+                self._attempt("action", self._act, trainer, optimizer, records)
+            elif trainer.world_size < 2 and (self._pending or self._repeat_this_step or self._skip_list):
+                self._attempt("action", self._act, trainer, optimizer, records)
 
     @_safely("watch")
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -454,6 +505,8 @@ class _SpikeWatchHooks:
             for pending in self._pending:
                 self._attempt("attribution", self._finish_spike, trainer, pending)
             self._pending = []
+        if self._stop_entry is not None:
+            self._attempt("action", self._stop_fit, trainer)
         if trainer.loggers and trainer.is_global_zero:
             self._attempt("loggers", self._log_scalars, trainer)
 
@@ -557,7 +610,15 @@ class _SpikeWatchHooks:
         scalars = [*layer_norms, *norms[len(grads) :], *(r.loss for r in records)]
         if scale is not None:
             scalars.append(scale)
-        host = to_host(scalars)  # the one device-to-host transfer of the step
+        prints: list[list[torch.Tensor]] = []
+        listed = self._skip_list and (trainer.world_size < 2 or self._acts_every_step(trainer))
+        if listed and not self._manual and "action" not in self._disabled:
+            # Batches set aside by a stop are recognised by content: a few sums ride the same transfer.
+            prints = self._attempt("action", lambda: [fingerprint_tensors(tensor_leaves(r.batch)) for r in records])
+            prints = prints or []
+        host = to_host(scalars + [t for group in prints for t in group])  # the one device-to-host transfer
+        if prints:
+            host = self._take_fingerprints(records, prints, host)
         layers, rest = host[: len(layer_norms)], host[len(layer_norms) :]
         if factors is not None:  # sampled on the CPU: scale each estimate up to the full tensor
             layers = [norm * factor for norm, factor in zip(layers, factors)]
@@ -565,6 +626,15 @@ class _SpikeWatchHooks:
         factor = 1 if self._manual else self._accumulate  # ... and Lightning's division by accumulation
         losses = [loss * factor / divisor for loss in rest[len(inputs) :]]
         return _StepNumbers(layers, positions, rest[: len(inputs)], losses, scale is not None)
+
+    @staticmethod
+    def _take_fingerprints(records: list[_Batch], prints: list[list[torch.Tensor]], host: list[float]) -> list[float]:
+        """Split the fingerprint sums off the end of the step's host values onto their records."""
+        start = len(host) - sum(len(group) for group in prints)
+        for record, group in zip(records, prints):
+            record.fingerprint = (float(record.size or -1), *host[start : start + len(group)])
+            start += len(group)
+        return host[: len(host) - sum(len(group) for group in prints)]
 
     def _evaluate(self, trainer: Any, pl_module: Any, records: list[_Batch], optimizer: Any) -> None:
         """Read the step's numbers, keep the layer history, then run the detector on each batch."""
@@ -576,6 +646,7 @@ class _SpikeWatchHooks:
                 # fp16: the GradScaler skips this step and lowers its scale; routine, not a spike.
                 self.amp_skipped_steps += 1
                 grad_norm = None
+        self._step_grad_norm = grad_norm
         if grad_norm is not None and math.isfinite(grad_norm):
             if self._layer_history is None:
                 self._layer_history = VectorHistory(self.window)
@@ -652,9 +723,124 @@ class _SpikeWatchHooks:
         if repeat:
             # Once weights are NaN every later loss is too: report the first, count the rest.
             self.non_finite_repeats += 1
+            self._repeat_this_step = True
         else:
             args = (trainer, pl_module, record, verdict, signals, optimizer, is_stepping)
             self._attempt("attribution", self._start_spike, *args)
+
+    # ------------------------------------------------------------------ opt-in actions
+
+    def _act(self, trainer: Any, optimizer: Any, records: list[_Batch]) -> None:
+        """Decide and apply this step's action before the optimizer uses the gradients.
+
+        The decision needs nothing new from the device: the step's numbers are on the host
+        already. Under DDP every rank must do the same, so the strongest wish is all-reduced.
+        """
+        repeat, self._repeat_this_step = self._repeat_this_step, False
+        taken: ActionTaken | None = None
+        for record in records:
+            entry = self._skip_list.match(record.fingerprint) if record.fingerprint and self._skip_list else None
+            if entry is not None:
+                reason = f"listed in the skip file by the stop at step {entry.step}"
+                taken = stronger(taken, ActionTaken(Action.SKIP, reason))
+                self.actions_taken["skip_listed"] += 1
+                if self.print_spikes and trainer.is_global_zero:
+                    self._announce(trainer, report.listed_skip_line(record.step, entry.to_dict()))
+        step_pending = [p for p in self._pending if any(p.record is r for r in records)]
+        policy = self._policy if "action" not in self._disabled else None
+        if policy is not None and isinstance(optimizer, torch.optim.LBFGS):
+            self._disabled.add("action")
+            warnings.warn(
+                "SpikeWatch: actions are off for LBFGS, which re-evaluates the batch many times per step.",
+                stacklevel=2,
+            )
+            policy = None
+        bound = self.detector.grad_norm_bound() if policy is not None else None
+        wished = None
+        for pending in step_pending if policy is not None else ():
+            ranked = rank_causes(pending.context)
+            cause = ranked[0].cause if ranked else Cause.MINIBATCH_NOISE
+            layers = pending.context.layers
+            grad_norm = math.hypot(*layers.current) if layers is not None else self._step_grad_norm
+            decided = policy.decide(cause, grad_norm, bound)
+            if decided is not None and decided.action is Action.STOP and self._stop_entry is None:
+                self._stop_entry = self._skip_entry(trainer, pending.record, cause)
+            wished = stronger(wished, decided)
+        if repeat and policy is not None:
+            wished = stronger(wished, policy.decide(Cause.NON_FINITE, math.nan, bound))
+        listed = taken
+        taken = self._agree_across_ranks(trainer, stronger(taken, wished))
+        if taken is None:
+            return
+        if taken.action is Action.CLIP and bound is not None:
+            clip_gradients(optimizer, bound)
+        elif taken.action is not Action.CLIP:
+            drop_update(optimizer, self._can_remove_gradients(trainer, optimizer))
+        if taken.action is Action.STOP and self._stop_entry is None:
+            self._stop_entry = self._skip_entry(trainer, records[-1], None)
+        if taken is not listed:  # a listed skip is counted as such above
+            self.actions_taken[taken.action.value] += 1
+        for pending in step_pending:
+            pending.action = taken
+
+    def _acts_every_step(self, trainer: Any) -> bool:
+        """Under DDP with an action, every rank joins one tiny all-reduce per step in ``_act``.
+
+        Decided from settings that every rank shares, so that all ranks join or none does. Without
+        an action, a DDP run only watches (batches listed to skip are then left alone).
+        """
+        if self._policy is None or "action" in self._disabled or trainer.world_size < 2:
+            return False
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def _agree_across_ranks(self, trainer: Any, taken: ActionTaken | None) -> ActionTaken | None:
+        """Under DDP, the strongest action any rank wants, so that the replicas stay identical."""
+        if not self._acts_every_step(trainer):
+            return taken
+        codes = {strength: action for action, strength in STRENGTH.items()}
+        mine = STRENGTH[taken.action] if taken is not None else 0
+        wish = torch.tensor([mine], dtype=torch.int32, device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(wish, op=torch.distributed.ReduceOp.MAX)
+        agreed = int(wish.item())  # a sync only with an action enabled under DDP
+        if agreed == mine:
+            return taken
+        return ActionTaken(codes[agreed], "taken on every rank because another rank's batch asked for it")
+
+    def _can_remove_gradients(self, trainer: Any, optimizer: Any) -> bool:
+        """Whether dropping the update may set the gradients to None (an exact skip)."""
+        if not drops_missing_gradients(optimizer):
+            return False
+        # A fused optimizer under an fp16 GradScaler unscales inside step() and needs gradients there.
+        return self._loss_scale(trainer) is None or not getattr(optimizer, "_step_supports_amp_scaling", False)
+
+    def _skip_entry(self, trainer: Any, record: _Batch, cause: Cause | None) -> SkipEntry:
+        leaves = tensor_leaves(record.batch)
+        fingerprint = record.fingerprint or (float(record.size or -1), *to_host(fingerprint_tensors(leaves) or []))
+        indices = dataset_indices(record.batch, self.index_keys, record.size) if record.size else None
+        return SkipEntry(
+            step=record.step,
+            epoch=record.epoch,
+            batch_idx=record.batch_idx,
+            fingerprint=tuple(fingerprint),
+            rank=trainer.global_rank,
+            indices=indices,
+            cause=cause.value if cause is not None else None,
+        )
+
+    def _stop_fit(self, trainer: Any) -> None:
+        """End the fit after a stop: list the batch, save a checkpoint without its update, stop."""
+        entry, self._stop_entry = self._stop_entry, None
+        self._skip_list.add([entry])  # kept in the checkpoint: a resume from it skips the batch again
+        skip_file = self._log.write_skip(entry.to_dict()) if self._log is not None else None
+        directory = self._resolved_log_dir or Path(trainer.default_root_dir)
+        checkpoint = directory / f"stop_step{entry.step}.ckpt"
+        trainer.save_checkpoint(checkpoint)  # on every rank: DDP writes once, after a barrier
+        trainer.should_stop = True
+        self.stopped = {"step": entry.step, "cause": entry.cause, "checkpoint": str(checkpoint)}
+        if skip_file is not None:
+            self.stopped["skip_file"] = str(skip_file)
+        if trainer.is_global_zero and (self.print_spikes or self.print_summary):
+            self._announce(trainer, report.stop_line(self.stopped))
 
     # ------------------------------------------------------------------ on a spike
 
@@ -751,6 +937,7 @@ class _SpikeWatchHooks:
             signals=pending.signals,
             causes=causes,
             rank=trainer.global_rank,
+            action=pending.action.to_dict() if pending.action is not None else None,
         )
         if event.key in {e.key for e in self.spikes[-16:]}:
             return  # found again after resuming from a checkpoint taken before it
@@ -832,6 +1019,8 @@ class _SpikeWatchHooks:
             "causes": dict(Counter(event.cause for event in self.spikes).most_common()),
             "amp_skipped_steps": self.amp_skipped_steps,
             "non_finite_repeats": self.non_finite_repeats,
+            "actions": dict(self.actions_taken),
+            "stopped": self.stopped,
             "disabled": sorted(self._disabled),
             "settings": {
                 "window": self.window,
@@ -840,6 +1029,8 @@ class _SpikeWatchHooks:
                 "min_rel_spread": self.min_rel_spread,
                 "replay": self.replay,
                 "max_replays": self.max_replays,
+                "action": self.action,
+                "act_on": list(self.act_on) if self.act_on is not None else None,
             },
             "worst": [e.to_dict() for e in sorted(self.spikes, key=_severity, reverse=True)[:10]],
         }

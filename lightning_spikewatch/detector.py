@@ -49,16 +49,28 @@ class SpikeDetector:
         z_threshold: robust z above which the loss is a spike (only upward counts).
         min_rel_spread: floor on the MAD, as a fraction of the median, so a flat history does not
             turn every wiggle into a spike.
+        watch_grad_norm: also flag a batch whose gradient norm is an outlier, even if its loss is
+            not (used by the actions: a blown-up gradient is dropped before it damages the loss).
     """
 
-    def __init__(self, window: int = 128, warmup: int = 20, z_threshold: float = 6.0, min_rel_spread: float = 0.02):
+    def __init__(
+        self,
+        window: int = 128,
+        warmup: int = 20,
+        z_threshold: float = 6.0,
+        min_rel_spread: float = 0.02,
+        watch_grad_norm: bool = False,
+    ):
         if warmup < 3:
             raise ValueError(f"warmup must be at least 3, got {warmup}")
         self.window = window
         self.warmup = warmup
         self.z_threshold = z_threshold
-        # Only the loss is scored every step; the other windows are scored on spikes only.
-        self.windows = {name: RobustWindow(window, min_rel_spread, keep_sorted=name == "loss") for name in WATCHED}
+        self.watch_grad_norm = watch_grad_norm
+        # Only the loss (and, when watched, the gradient norm) is scored every step; the other
+        # windows are scored on spikes only.
+        scored = ("loss", "grad_norm") if watch_grad_norm else ("loss",)
+        self.windows = {name: RobustWindow(window, min_rel_spread, keep_sorted=name in scored) for name in WATCHED}
         self.batches_seen = 0
 
     def observe(self, signals: StepSignals) -> Verdict:
@@ -74,7 +86,8 @@ class SpikeDetector:
         ready = len(windows["loss"]) >= self.warmup
         all_finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
         all_finite = all_finite and (input_rms is None or math.isfinite(input_rms))
-        if all_finite and not (ready and loss_z >= self.z_threshold):  # the common case, kept lean
+        grad_spike = self._grad_norm_spike(grad_norm)
+        if all_finite and not (ready and loss_z >= self.z_threshold) and not grad_spike:  # the common case
             windows["loss"].push(loss)
             if grad_norm is not None:
                 windows["grad_norm"].push(grad_norm)
@@ -85,7 +98,7 @@ class SpikeDetector:
         values = {"loss": loss, "grad_norm": grad_norm, "input_rms": input_rms}
         read = {name: value for name, value in values.items() if value is not None}
         non_finite = tuple(name for name, value in read.items() if not math.isfinite(value))
-        is_spike = bool(non_finite) or (ready and loss_z >= self.z_threshold)
+        is_spike = bool(non_finite) or (ready and loss_z >= self.z_threshold) or grad_spike
         zscores, medians = {"loss": loss_z}, {"loss": loss_median}
         if is_spike:
             for name, value in read.items():
@@ -112,6 +125,8 @@ class SpikeDetector:
         loss_z = loss_window.score(loss, self.z_threshold)[0]
         if loss_z >= self.z_threshold and len(loss_window) >= self.warmup:
             return None
+        if self.watch_grad_norm and self._grad_norm_spike(grad_norm):
+            return None
         if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
             return None
         if input_rms is not None and not math.isfinite(input_rms):
@@ -123,6 +138,20 @@ class SpikeDetector:
             windows["input_rms"].push(input_rms)
         self.batches_seen += 1
         return loss_z
+
+    def _grad_norm_spike(self, grad_norm: float | None) -> bool:
+        if not self.watch_grad_norm or grad_norm is None or not math.isfinite(grad_norm):
+            return False
+        window = self.windows["grad_norm"]
+        return len(window) >= self.warmup and window.score(grad_norm, self.z_threshold)[0] >= self.z_threshold
+
+    def grad_norm_bound(self) -> float | None:
+        """The largest gradient norm the detector does not call an outlier (None before warm-up)."""
+        window = self.windows["grad_norm"]
+        if len(window) < self.warmup:
+            return None
+        _, median, spread = window.score(window.median())
+        return median + self.z_threshold * spread
 
     def state_dict(self) -> dict:
         return {"batches_seen": self.batches_seen, "windows": {k: w.state_dict() for k, w in self.windows.items()}}

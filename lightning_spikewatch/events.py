@@ -58,6 +58,7 @@ class SpikeEvent:
     signals: list[str]
     causes: list[CauseScore]
     rank: int = 0
+    action: dict[str, Any] | None = None  # what an opt-in action did to this step (see actions.py)
 
     @property
     def top(self) -> CauseScore:
@@ -88,6 +89,7 @@ class SpikeEvent:
             "causes": [c.to_dict() for c in self.causes],
             "evidence": json_safe(self.evidence),
             "rank": self.rank,
+            "action": self.action,
         }
 
     @classmethod
@@ -106,6 +108,7 @@ class SpikeEvent:
             signals=list(data.get("signals", [])),
             causes=[CauseScore.from_dict(c) for c in data["causes"]],
             rank=int(data.get("rank", 0)),
+            action=data.get("action"),
         )
 
     @property

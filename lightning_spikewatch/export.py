@@ -20,6 +20,7 @@ STEPS_FILE = "steps.csv"
 SUMMARY_FILE = "summary.json"
 LAYERS_FILE = "layers.jsonl"  # per-layer gradient norms of the steps before each spike
 PLOT_FILE = "spikes.png"
+SKIP_FILE = "skip_batches.jsonl"  # batches set aside by action="stop", skipped when the fit resumes
 TRACE_COLUMNS = ("step", "epoch", "batch_idx", "loss", "loss_z", "grad_norm", "input_rms", "batch_size", "lr", "spike")
 TRACE_FORMAT = "%d,%d,%d,%.6g,%.6g,%.6g,%.6g,%d,%.6g,%d\n"
 TRACE_BUFFER_ROWS = 512  # rows held in memory before they are formatted and written (bounded)
@@ -43,7 +44,10 @@ class SpikeLog:
         self._spikes: TextIO | None = open(spikes_path, mode, encoding="utf-8")
         self._steps: TextIO | None = None
         self._layers: TextIO | None = None
+        self._skips: TextIO | None = None
         self._mode, self._suffix = mode, suffix
+        if not append:  # a fresh fit starts with no batches set aside
+            (self.log_dir / _with_suffix(SKIP_FILE, suffix)).unlink(missing_ok=True)
         self._rows: list[tuple] = []
         if trace:
             path = self.log_dir / _with_suffix(STEPS_FILE, suffix)
@@ -67,6 +71,15 @@ class SpikeLog:
             self._layers = open(self.log_dir / _with_suffix(LAYERS_FILE, self._suffix), self._mode, encoding="utf-8")
         self._layers.write(json.dumps(json_safe(dict(snapshot)), allow_nan=False) + "\n")
         self._layers.flush()
+
+    def write_skip(self, entry: Mapping[str, Any]) -> Path:
+        """Append one batch to the skip list file and flush it; returns the file's path."""
+        path = self.log_dir / _with_suffix(SKIP_FILE, self._suffix)
+        if self._skips is None:
+            self._skips = open(path, "a", encoding="utf-8")  # kept across fits: a resume reads it
+        self._skips.write(json.dumps(json_safe(dict(entry)), allow_nan=False) + "\n")
+        self._skips.flush()
+        return path
 
     def write_step(
         self,
@@ -126,10 +139,10 @@ class SpikeLog:
 
     def close(self) -> None:
         self.flush_trace()
-        for handle in (self._spikes, self._steps, self._layers):
+        for handle in (self._spikes, self._steps, self._layers, self._skips):
             if handle is not None:
                 handle.close()
-        self._spikes = self._steps = self._layers = None
+        self._spikes = self._steps = self._layers = self._skips = None
 
 
 def _with_suffix(name: str, suffix: str) -> str:
@@ -156,6 +169,12 @@ def read_spikes(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
         except json.JSONDecodeError:
             skipped += 1
     return events, skipped
+
+
+def read_skip_entries(log_dir: str | os.PathLike, suffix: str = "") -> list[dict[str, Any]]:
+    """The batches listed in a run's skip file (none if it has none)."""
+    entries, _ = read_spikes(Path(log_dir) / _with_suffix(SKIP_FILE, suffix))
+    return entries
 
 
 def existing_keys(path: str | os.PathLike) -> set[tuple[int, int, int, int]]:

@@ -141,6 +141,66 @@ def spike_line(event: SpikeEvent | Mapping[str, Any]) -> Text:
     text.append(f"loss {_num(e['loss'], 4)}, z={_num(e['zscore'])} -> ")
     text.append(e["cause"], style=CAUSE_STYLE.get(e["cause"], ""))
     text.append(f" ({e['confidence']:.2f}): {describe_evidence(e['cause'], e['evidence'])}")
+    if e.get("action"):
+        text.append(f" [{action_phrase(e['action'])}]", style="bold")
+    return text
+
+
+def action_phrase(action: Mapping[str, Any]) -> str:
+    """What an opt-in action did, in a few words."""
+    kind = action.get("action")
+    if kind == "clip":
+        factor = action.get("factor")
+        return "clipped" + (f" x{factor:.2g}" if isinstance(factor, (int, float)) else "")
+    if kind == "stop":
+        return "skipped, stopped"
+    return "skipped"
+
+
+def listed_skip_line(step: int, entry: Mapping[str, Any]) -> Text:
+    """Announces that a resumed fit skipped a batch that a stop had set aside."""
+    text = Text("SpikeWatch ", style="bold")
+    text.append(
+        f"step {step}: skipped the update of the batch set aside by the stop at step {entry['step']} "
+        f"(epoch {entry['epoch']}, batch {entry['batch_idx']}"
+        + (f", cause {entry['cause']}" if entry.get("cause") else "")
+        + ")."
+    )
+    return text
+
+
+def stop_line(stopped: Mapping[str, Any]) -> Text:
+    """Says that action="stop" ended the fit, where the checkpoint is, and how to go on."""
+    text = Text("SpikeWatch stopped the fit ", style="bold red")
+    cause = f" ({stopped['cause']})" if stopped.get("cause") else ""
+    text.append(f"at step {stopped['step']}{cause} without applying that step's update. ")
+    text.append(f"Checkpoint: {stopped['checkpoint']}. ")
+    if stopped.get("skip_file"):
+        text.append(f"The batch is listed in {stopped['skip_file']}. ")
+    text.append(
+        "To go on, call trainer.fit(model, ckpt_path=<that checkpoint or an earlier one>) with SpikeWatch "
+        "in the callbacks; it skips the listed batches."
+    )
+    return text
+
+
+def actions_text(summary: Mapping[str, Any]) -> Text | None:
+    """One line on the actions taken (None when no action was enabled or taken)."""
+    counts = summary.get("actions") or {}
+    if not counts and not summary.get("stopped"):
+        setting = (summary.get("settings") or {}).get("action")
+        return Text(f"Action {setting!r}: never needed.", style="green") if setting else None
+    names = {
+        "skip": "updates dropped",
+        "clip": "gradients clipped",
+        "stop": "stops",
+        "skip_listed": "listed batches skipped",
+    }
+    parts = [f"{names.get(kind, kind)} x{n}" for kind, n in counts.items()]
+    text = Text("Actions taken: " + (", ".join(parts) if parts else "none") + ".", style="bold")
+    if summary.get("stopped"):
+        text.append("\n")
+        text.append_text(stop_line(summary["stopped"]))
     return text
 
 
@@ -148,8 +208,10 @@ def summary_renderable(summary: Mapping[str, Any], events: Sequence[SpikeEvent |
     """The end-of-fit summary: counts per cause, the worst spikes, and advice per cause."""
     dicts = [_as_dict(e) for e in events]
     steps = summary.get("steps_watched", 0)
+    actions = actions_text(summary)
     if not dicts:
-        return Text(f"SpikeWatch: no loss spikes in {steps} watched steps.", style="green")
+        quiet = Text(f"SpikeWatch: no loss spikes in {steps} watched steps.", style="green")
+        return quiet if actions is None else Group(quiet, actions)
     counts = Counter(d["cause"] for d in dicts)
     header = Text(f"{len(dicts)} spike(s) in {steps} watched steps: ")
     header.append(", ".join(f"{cause} x{n}" for cause, n in counts.most_common()))
@@ -159,19 +221,25 @@ def summary_renderable(summary: Mapping[str, Any], events: Sequence[SpikeEvent |
         table.add_column(column, justify=justify, no_wrap=True)
     table.add_column("cause", no_wrap=True)
     table.add_column("evidence", overflow="fold")
+    with_actions = any(d.get("action") for d in dicts)
+    if with_actions:
+        table.add_column("action", overflow="fold")
 
     def severity(d: Mapping[str, Any]) -> float:
         return float("inf") if d["zscore"] is None else d["zscore"]
 
     for d in sorted(dicts, key=severity, reverse=True)[:worst]:
-        table.add_row(
+        row = [
             str(d["step"]),
             f"{d['epoch']}/{d['batch_idx']}",
             _num(d["loss"], 4),
             _num(d["zscore"]),
             Text(d["cause"], style=CAUSE_STYLE.get(d["cause"], "")),
             describe_evidence(d["cause"], d["evidence"]),
-        )
+        ]
+        if with_actions:
+            row.append(action_phrase(d["action"]) if d.get("action") else "-")
+        table.add_row(*row)
     tips = Table.grid(padding=(0, 1))
     tips.add_column(no_wrap=True)
     tips.add_column()
@@ -179,6 +247,8 @@ def summary_renderable(summary: Mapping[str, Any], events: Sequence[SpikeEvent |
         example = next(d for d in dicts if d["cause"] == cause)
         tips.add_row(Text(cause, style=CAUSE_STYLE.get(cause, "")), advice(cause, example["evidence"]))
     parts = [header, table, Text("What to do:", style="bold"), tips]
+    if actions is not None:
+        parts.append(actions)
     if summary.get("non_finite_repeats"):
         parts.append(
             Text(

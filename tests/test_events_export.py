@@ -19,6 +19,7 @@ SCHEMA = {
     "causes",
     "evidence",
     "rank",
+    "action",
 }
 
 
