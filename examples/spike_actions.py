@@ -1,16 +1,17 @@
 """What each opt-in action is worth: the same planted spikes, trained with and without it.
 
 Each scenario plants one real cause at step 40 of a small regression run (SGD, 3 epochs of 60
-batches): a corrupted target (it comes back every epoch), a batch blown up by a near-zero std, a
-NaN input, one layer's gradient x3000. Each is trained with ``action=None``, ``"skip"``,
-``"clip"`` and ``"stop"`` (a stopped run is resumed from its checkpoint until it completes), plus a
-clean run where no action may fire. Recovery is read on held-out clean data after every step,
-so it shows the damage done to the model, not the bad batch's own loss:
+batches): a corrupted target, a batch blown up by a near-zero std and a NaN input (all three in
+the dataset, so they come back every epoch), and one layer's gradient x3000 (once). Each is
+trained with ``action=None``, ``"skip"``, ``"clip"`` and ``"stop"`` (a stopped run is resumed
+from its checkpoint until it completes), plus a clean run where no action may fire. Recovery is
+read on held-out clean data after every step, so it shows the damage done to the model, not the
+bad batch's own loss:
 
 - final: clean loss at the end of training;
 - peak: the highest clean loss after the plant;
-- above: steps after the plant whose clean loss is above the pre-spike level (the highest clean
-  loss of the 10 steps before the plant).
+- above: steps after the plant whose clean loss is above its value just before the plant (how
+  long the model took to get back to where it was).
 
     python examples/spike_actions.py            # the table (about a minute on a laptop CPU)
     python examples/spike_actions.py --markdown # the same as a Markdown table, for the README
@@ -44,7 +45,6 @@ from lightning_spikewatch import SpikeWatch
 
 BATCH, BATCHES, EPOCHS = 32, 60, 3
 PLANT_STEP = 40  # the planted batch is batch 40 of the first epoch (the loader does not shuffle)
-LEVEL_STEPS = 10
 SCENARIOS = ("clean", "outlier_sample", "input_scale", "non_finite", "layer_gradient")
 ACTIONS = (None, "skip", "clip", "stop")
 MAX_RESUMES = 5
@@ -79,7 +79,7 @@ def planted_data(scenario: str) -> Rows:
         data.y[row] += 30.0  # a corrupted target: back every epoch
     elif scenario == "input_scale":
         rows = slice(PLANT_STEP * BATCH, (PLANT_STEP + 1) * BATCH)
-        data.x[rows] = data.x[rows] / 1e-4  # (x - mean) / std with std ~ 1e-4, once
+        data.x[rows] = data.x[rows] / 1e-4  # (x - mean) / std with std ~ 1e-4
     elif scenario == "non_finite":
         data.x[row, 3] = float("nan")  # back every epoch
     return data
@@ -144,7 +144,7 @@ class Outcome:
 def recovery(curve: dict[int, float]) -> tuple[float, float, int]:
     """(final clean loss, peak clean loss after the plant, steps after the plant above the pre-spike level)."""
     steps = sorted(curve)
-    level = max(curve[s] for s in steps if PLANT_STEP - LEVEL_STEPS <= s < PLANT_STEP)
+    level = curve[PLANT_STEP - 1]
     after = [curve[s] for s in steps if s >= PLANT_STEP]
     above = sum(1 for value in after if not value <= level)  # NaN counts as above
     peak = max(after, key=lambda v: math.inf if math.isnan(v) else v)
@@ -192,11 +192,19 @@ def run(scenario: str, action: str | None, root: Path, seed: int = 0) -> Outcome
 
 def table(outcomes: list[Outcome]) -> Table:
     view = Table(title="Recovery with each action (clean held-out loss; lower is better)", title_justify="left")
-    for column in ("scenario", "action", "spikes", "actions", "resumes", "final", "peak", "steps above"):
-        view.add_column(column, justify="left" if column in ("scenario", "action") else "right")
+    for column in ("scenario", "action", "spikes", "actions", "resumes", "final", "peak", "above"):
+        view.add_column(column, justify="left" if column in ("scenario", "action") else "right", no_wrap=True)
     for o in outcomes:
-        view.add_row(o.scenario, o.action, str(o.spikes), str(o.actions_taken), str(o.resumes), _num(o.final),
-                     _num(o.peak), str(o.above))
+        view.add_row(
+            o.scenario,
+            o.action,
+            str(o.spikes),
+            str(o.actions_taken),
+            str(o.resumes),
+            _num(o.final),
+            _num(o.peak),
+            str(o.above),
+        )
     return view
 
 

@@ -114,7 +114,7 @@ class ActionPolicy:
 
 # ---------------------------------------------------------------------------------------- skip list
 
-FINGERPRINT_RTOL = 1e-9
+FINGERPRINT_RTOL = 1e-6  # the sums travel to the host as float32
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ class SkipEntry:
             step=int(data["step"]),
             epoch=int(data["epoch"]),
             batch_idx=int(data["batch_idx"]),
-            fingerprint=tuple(float(v) for v in data["fingerprint"]),
+            fingerprint=tuple(math.nan if v is None else float(v) for v in data["fingerprint"]),  # JSON null: NaN
             rank=int(data.get("rank", 0)),
             indices=data.get("indices"),
             cause=data.get("cause"),
@@ -163,7 +163,12 @@ class SkipEntry:
 
 
 def same_fingerprint(a: Sequence[float], b: Sequence[float], rtol: float = FINGERPRINT_RTOL) -> bool:
-    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=rtol, abs_tol=1e-12) for x, y in zip(a, b))
+    """Equal sums, up to rounding; NaN matches NaN (a batch with a NaN in it has NaN sums)."""
+
+    def same(x: float, y: float) -> bool:
+        return (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=rtol, abs_tol=1e-12)
+
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
 
 
 @dataclass

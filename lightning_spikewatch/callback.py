@@ -738,15 +738,19 @@ class _SpikeWatchHooks:
         """
         repeat, self._repeat_this_step = self._repeat_this_step, False
         taken: ActionTaken | None = None
+        listed_records = []
         for record in records:
             entry = self._skip_list.match(record.fingerprint) if record.fingerprint and self._skip_list else None
             if entry is not None:
+                listed_records.append(record)
                 reason = f"listed in the skip file by the stop at step {entry.step}"
                 taken = stronger(taken, ActionTaken(Action.SKIP, reason))
                 self.actions_taken["skip_listed"] += 1
                 if self.print_spikes and trainer.is_global_zero:
                     self._announce(trainer, report.listed_skip_line(record.step, entry.to_dict()))
         step_pending = [p for p in self._pending if any(p.record is r for r in records)]
+        # A listed batch is skipped as listed: its spike must not stop the resumed fit all over again.
+        to_decide = [p for p in step_pending if not any(p.record is r for r in listed_records)]
         policy = self._policy if "action" not in self._disabled else None
         if policy is not None and isinstance(optimizer, torch.optim.LBFGS):
             self._disabled.add("action")
@@ -757,11 +761,12 @@ class _SpikeWatchHooks:
             policy = None
         bound = self.detector.grad_norm_bound() if policy is not None else None
         wished = None
-        for pending in step_pending if policy is not None else ():
+        for pending in to_decide if policy is not None else ():
             ranked = rank_causes(pending.context)
             cause = ranked[0].cause if ranked else Cause.MINIBATCH_NOISE
-            layers = pending.context.layers
-            grad_norm = math.hypot(*layers.current) if layers is not None else self._step_grad_norm
+            grad_norm, layers = self._step_grad_norm, pending.context.layers
+            if grad_norm is not None and math.isfinite(grad_norm) and layers is not None:
+                grad_norm = math.hypot(*layers.current)  # exact, where the per-step norm was sampled
             decided = policy.decide(cause, grad_norm, bound)
             if decided is not None and decided.action is Action.STOP and self._stop_entry is None:
                 self._stop_entry = self._skip_entry(trainer, pending.record, cause)

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from lightning_spikewatch.stats import RobustWindow
 
 WATCHED = ("loss", "grad_norm", "input_rms")
+# Gradient norms are right-skewed: twice the median is ordinary noise early in training. With this
+# floor on its spread, a norm is an outlier only when it is also above ~3x the median
+# (median + 6 x 1.4826 x 0.25 x median), which every blow-up worth acting on clears by far.
+MIN_REL_SPREAD = {"grad_norm": 0.25}
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +74,10 @@ class SpikeDetector:
         # Only the loss (and, when watched, the gradient norm) is scored every step; the other
         # windows are scored on spikes only.
         scored = ("loss", "grad_norm") if watch_grad_norm else ("loss",)
-        self.windows = {name: RobustWindow(window, min_rel_spread, keep_sorted=name in scored) for name in WATCHED}
+        self.windows = {
+            name: RobustWindow(window, max(min_rel_spread, MIN_REL_SPREAD.get(name, 0.0)), keep_sorted=name in scored)
+            for name in WATCHED
+        }
         self.batches_seen = 0
 
     def observe(self, signals: StepSignals) -> Verdict:

@@ -21,6 +21,10 @@ from lightning_spikewatch import SpikeWatch
         ({"replay": "yes"}, "replay"),
         ({"batch_size_fn": 3}, "batch_size_fn"),
         ({"log_dir": 5}, "log_dir"),
+        ({"action": "drop"}, "action"),
+        ({"action": "skip", "act_on": ["outliers"]}, "act_on"),
+        ({"action": "skip", "act_on": []}, "act_on"),
+        ({"act_on": ["non_finite"]}, "act_on"),
     ],
 )
 def test_bad_argument_raises_value_error_naming_it(kwargs, name):

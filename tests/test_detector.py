@@ -108,3 +108,31 @@ def reference_spikes(series, window=128, warmup=20, threshold=6.0, min_rel_sprea
 )
 def test_cached_mad_gives_exactly_the_reference_decisions(series, threshold):
     assert run(series, threshold=threshold) == reference_spikes(series, threshold=threshold)
+
+
+@pytest.mark.parametrize("quietly", [False, True], ids=["observe", "observe_quietly"])
+def test_gradient_norm_outlier_is_a_spike_only_when_watched(quietly):
+    rng = np.random.default_rng(0)
+    losses, norms = 1.0 + 0.05 * rng.standard_normal(200), 2.0 + 0.1 * rng.standard_normal(200)
+    norms[150] = 200.0  # the gradient blew up; the loss has not moved yet
+    for watched in (False, True):
+        detector = SpikeDetector(watch_grad_norm=watched)
+        flagged = []
+        for i, (loss, norm) in enumerate(zip(losses, norms)):
+            if quietly and detector.observe_quietly(float(loss), float(norm), None) is not None:
+                continue
+            verdict = detector.observe(StepSignals(float(loss), float(norm)))
+            if verdict.is_spike:
+                flagged.append((i, verdict.outliers))
+        assert flagged == ([(150, ("grad_norm",))] if watched else [])
+
+
+def test_gradient_norm_bound_is_the_largest_norm_that_is_not_an_outlier():
+    detector = SpikeDetector(watch_grad_norm=True, z_threshold=6.0)
+    assert detector.grad_norm_bound() is None  # before warm-up
+    for i in range(100):
+        detector.observe(StepSignals(1.0, 2.0 + 0.01 * (i % 11 - 5)))
+    bound = detector.grad_norm_bound()
+    window = detector.windows["grad_norm"]
+    assert window.zscore(bound) == pytest.approx(6.0)
+    assert window.zscore(bound * 1.001) > 6.0

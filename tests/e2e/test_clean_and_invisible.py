@@ -15,20 +15,23 @@ def watch(tmp_path, **kwargs) -> SpikeWatch:
     return SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False, **kwargs)
 
 
+@pytest.mark.parametrize("action", [None, "skip"])
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("task", ["regression", "classification"])
-def test_clean_run_raises_no_false_alarm(tmp_path, seed, task):
+def test_clean_run_raises_no_false_alarm(tmp_path, seed, task, action):
+    """With an action the gradient norm is watched too: it must not raise false alarms either."""
     data = regression_data(seed=seed) if task == "regression" else classification_data(seed=seed)
-    w = watch(tmp_path)
+    w = watch(tmp_path, action=action)
     fit(seeded(TinyNet, task=task, seed=seed), data, [w], max_epochs=4)
     assert w.steps_watched == 4 * 60
-    assert w.spikes == []
+    assert w.spikes == [] and not w.actions_taken
 
 
-def test_clean_sgd_run_with_dropout_and_batchnorm_is_quiet(tmp_path):
-    w = watch(tmp_path)
+@pytest.mark.parametrize("action", [None, "clip"])
+def test_clean_sgd_run_with_dropout_and_batchnorm_is_quiet(tmp_path, action):
+    w = watch(tmp_path, action=action)
     fit(seeded(TinyNet, optimizer="sgd", lr=0.05, dropout=0.2, batchnorm=True), regression_data(), [w], max_epochs=4)
-    assert w.spikes == []
+    assert w.spikes == [] and not w.actions_taken
 
 
 def final_state(model, trainer):
