@@ -1,6 +1,6 @@
 """A 2-process DDP run on CPU (gloo) with an outlier only rank 1 sees; run by test_distributed.py.
 
-python tests/e2e/ddp_script.py OUT_DIR
+python tests/e2e/ddp_script.py OUT_DIR [ACTION]
 """
 
 import json
@@ -30,10 +30,10 @@ class Rows(pl.LightningDataModule):
         return DataLoader(self.data, batch_size=BATCH, sampler=sampler)
 
 
-def main(out: Path) -> None:
+def main(out: Path, action: str | None) -> None:
     data = regression_data(n=2 * 60 * BATCH)
     data.y[OUTLIER_ROW] += 30.0
-    watch = SpikeWatch(log_dir=out / "spikes")
+    watch = SpikeWatch(log_dir=out / "spikes", action=action)
     trainer = pl.Trainer(
         strategy="ddp",
         accelerator="cpu",
@@ -47,9 +47,14 @@ def main(out: Path) -> None:
         use_distributed_sampler=False,
     )
     trainer.fit(seeded(TinyNet), datamodule=Rows(data))
-    result = {"spikes": [e.to_dict() for e in watch.spikes], "steps_watched": watch.steps_watched}
+    result = {
+        "spikes": [e.to_dict() for e in watch.spikes],
+        "steps_watched": watch.steps_watched,
+        "actions": dict(watch.actions_taken),
+        "weights": [float(p.double().sum()) for p in trainer.lightning_module.parameters()],
+    }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
