@@ -1071,6 +1071,7 @@ class _SpikeWatchHooks:
         """Spike counts per cause as scalars, the table as text, and the figure, where users already look."""
         counts = {f"spikewatch/cause/{cause}": float(n) for cause, n in summary["causes"].items()}
         counts["spikewatch/spikes_total"] = float(summary["spikes"])
+        counts.update({f"spikewatch/action/{kind}": float(n) for kind, n in summary["actions"].items()})
         table = report.markdown_table(self.spikes)
         for logger in trainer.loggers:
             logger.log_metrics(counts, step=trainer.global_step)

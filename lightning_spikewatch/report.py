@@ -153,7 +153,7 @@ def action_phrase(action: Mapping[str, Any]) -> str:
         factor = action.get("factor")
         return "clipped" + (f" x{factor:.2g}" if isinstance(factor, (int, float)) else "")
     if kind == "stop":
-        return "skipped, stopped"
+        return "stopped"
     return "skipped"
 
 
@@ -223,7 +223,7 @@ def summary_renderable(summary: Mapping[str, Any], events: Sequence[SpikeEvent |
     table.add_column("evidence", overflow="fold")
     with_actions = any(d.get("action") for d in dicts)
     if with_actions:
-        table.add_column("action", overflow="fold")
+        table.add_column("action", no_wrap=True)
 
     def severity(d: Mapping[str, Any]) -> float:
         return float("inf") if d["zscore"] is None else d["zscore"]
@@ -276,11 +276,17 @@ def print_summary(
 def markdown_table(events: Sequence[SpikeEvent | Mapping[str, Any]], worst: int = 20) -> str:
     """The worst spikes as a Markdown table, for loggers that show text (TensorBoard, a .md file)."""
     dicts = sorted((_as_dict(e) for e in events), key=lambda d: -(d["zscore"] if d["zscore"] is not None else 1e300))
+    with_actions = any(d.get("action") for d in dicts)
     lines = ["| step | epoch/batch | loss | z | cause | evidence |", "|---:|---:|---:|---:|---|---|"]
+    if with_actions:
+        lines = [lines[0] + " action |", lines[1] + "---|"]
     for d in dicts[:worst]:
         evidence = describe_evidence(d["cause"], d["evidence"]).replace("|", "/")
-        lines.append(
+        line = (
             f"| {d['step']} | {d['epoch']}/{d['batch_idx']} | {_num(d['loss'], 4)} | {_num(d['zscore'])} "
             f"| {d['cause']} | {evidence} |"
         )
+        if with_actions:
+            line += f" {action_phrase(d['action']) if d.get('action') else '-'} |"
+        lines.append(line)
     return "\n".join(lines)

@@ -76,3 +76,33 @@ def test_every_cause_has_specific_advice():
     texts = {cause: advice(cause.value, {}) for cause in Cause}
     assert len(set(texts.values())) == len(Cause)
     assert "eps" in texts[Cause.ADAM_SECOND_MOMENT] and "logits" in texts[Cause.LOG_ZERO]
+
+
+def test_actions_show_on_the_line_in_the_table_and_in_the_summary():
+    from dataclasses import replace
+
+    from lightning_spikewatch.report import markdown_table
+
+    acted = [
+        replace(EVENTS[0], action={"action": "skip", "reason": "update dropped (short_batch)"}),
+        replace(EVENTS[1], action={"action": "clip", "reason": "gradient norm 80 clipped to 2", "factor": 0.025}),
+    ]
+    assert spike_line(acted[1]).plain.endswith("[clipped x0.025]")
+    summary = {"steps_watched": 500, "actions": {"skip": 1, "clip": 1}, "settings": {"action": "clip"}}
+    text = render(summary, acted)
+    assert "skipped" in text and "clipped x0.025" in text
+    assert "Actions taken: updates dropped x1, gradients clipped x1." in text
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "| action |" in markdown_table(acted) and "clipped x0.025" in markdown_table(acted)
+
+
+def test_a_stop_says_where_the_checkpoint_is_and_how_to_resume():
+    stopped = {"step": 40, "cause": "outlier_sample", "checkpoint": "/runs/sw/stop_step40.ckpt"}
+    text = render({"steps_watched": 41, "actions": {"stop": 1}, "stopped": stopped}, EVENTS[:1], width=200)
+    assert "stopped the fit at step 40 (outlier_sample)" in text and "/runs/sw/stop_step40.ckpt" in text
+    assert "ckpt_path=" in text
+
+
+def test_an_action_that_never_fired_is_said_so():
+    text = render({"steps_watched": 42, "actions": {}, "settings": {"action": "skip"}}, [])
+    assert "no loss spikes in 42 watched steps" in text and "Action 'skip': never needed." in text
