@@ -340,7 +340,8 @@ def render(results: list[dict], console: Console) -> None:
         over_floor = result["spikewatch_added_over_floor"]
         acting = variants.get("spikewatch action=skip")
         if acting is not None:
-            extra_us = (acting["median_step_ms"] - variants["spikewatch"]["median_step_ms"]) * 1e3
+            bare_ms = variants["bare"]["median_step_ms"]
+            extra_us = (acting["ratio_median"] - variants["spikewatch"]["ratio_median"]) * bare_ms * 1e3
             console.print(
                 f"With action='skip' (no spike, so nothing is dropped): x{acting['ratio_median']:.3f} "
                 f"({extra_us:+.0f} us per step over watching only), "
