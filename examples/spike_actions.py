@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -191,7 +192,12 @@ def run(scenario: str, action: str | None, root: Path, seed: int = 0) -> Outcome
 
 
 def table(outcomes: list[Outcome]) -> Table:
-    view = Table(title="Recovery with each action (clean held-out loss; lower is better)", title_justify="left")
+    view = Table(
+        title="Recovery with each action (clean held-out loss; lower is better)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,  # no vertical rules: the eight columns fit an 80-column terminal
+        pad_edge=False,
+    )
     for column in ("scenario", "action", "spikes", "actions", "resumes", "final", "peak", "above"):
         view.add_column(column, justify="left" if column in ("scenario", "action") else "right", no_wrap=True)
     for o in outcomes:
