@@ -182,3 +182,72 @@ def test_skip_under_fp16_grad_scaler_drops_the_update(tmp_path):
     trainer.fit(AdamRegressor(), DataLoader(scenarios.planted_data("outlier_sample"), batch_size=scenarios.BATCH))
     assert watch.spikes[0].step == 40 and watch.spikes[0].action["action"] == "skip"
     assert all(torch.equal(a, b) for a, b in zip(snapshots.params[39], snapshots.params[40]))
+
+
+def test_skip_under_gradient_accumulation_drops_the_whole_accumulated_step(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    snapshots = Snapshots()
+    watch = SpikeWatch(log_dir=tmp_path, action="skip", print_spikes=False, print_summary=False)
+    trainer = scenarios.trainer_for([watch, snapshots], tmp_path)
+    trainer.fit_loop.max_epochs = 1
+    trainer.accumulate_grad_batches = 2
+    trainer.fit(scenarios.Regressor(), DataLoader(scenarios.planted_data("outlier_sample"), batch_size=32))
+    event = watch.spikes[0]
+    assert (event.batch_idx, event.step, event.action["action"]) == (40, 20, "skip")
+    # Snapshots record on every batch; the stepping batch of optimizer step 20 is batch 41.
+    assert all(torch.equal(a, b) for a, b in zip(snapshots.params[19], snapshots.params[20]))
+
+
+class Sign(torch.optim.Optimizer):
+    """An optimizer from outside torch.optim that assumes every parameter has a gradient."""
+
+    def __init__(self, params, lr=1e-3):
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data.add_(p.grad.sign(), alpha=-group["lr"])  # no None check, as in many custom optimizers
+        return loss
+
+
+Sign.__module__ = "custom_optimizers"
+
+
+class SignRegressor(scenarios.Regressor):
+    def configure_optimizers(self):
+        return Sign(self.parameters())
+
+
+def test_skip_with_an_optimizer_that_needs_gradients_zeroes_them_instead(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    snapshots = Snapshots()
+    watch = SpikeWatch(log_dir=tmp_path, action="skip", print_spikes=False, print_summary=False)
+    trainer = fit(SignRegressor(), "outlier_sample", [watch, snapshots], tmp_path)
+    assert trainer.state.finished and watch.spikes[0].action["action"] == "skip"
+    assert all(torch.equal(a, b) for a, b in zip(snapshots.params[39], snapshots.params[40]))  # sign(0) = 0
+    assert "action" not in watch.summary()["disabled"]
+
+
+class ManualRegressor(scenarios.Regressor):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+
+def test_manual_optimization_warns_that_actions_are_off_and_still_watches(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    watch = SpikeWatch(log_dir=tmp_path, action="skip", print_spikes=False, print_summary=False)
+    with pytest.warns(UserWarning, match="needs automatic optimization"):
+        fit(ManualRegressor(), "outlier_sample", [watch], tmp_path)
+    # Found (manual optimization has no replay, so the sample is not named) and left alone.
+    assert watch.spikes[0].batch_idx == 40 and watch.spikes[0].action is None and not watch.actions_taken
