@@ -481,9 +481,12 @@ class _SpikeWatchHooks:
         self._records = []
         if records:
             self._evaluate(trainer, pl_module, records, optimizer)
-            if self._acts_every_step(trainer):  # DDP: the ranks agree on each step's action
-                self._attempt("action", self._act, trainer, optimizer, records)
-            elif trainer.world_size < 2 and (self._pending or self._repeat_this_step or self._skip_list):
+            # Cheap flags first: with no action and nothing flagged (the usual step) nothing else runs.
+            # Under DDP with an action, every rank joins _act every step to agree on the step's action.
+            in_step = self._pending or self._repeat_this_step or self._skip_list
+            if (in_step or self._policy is not None) and (
+                self._acts_every_step(trainer) or (in_step and trainer.world_size < 2)
+            ):
                 self._attempt("action", self._act, trainer, optimizer, records)
 
     @_safely("watch")
@@ -630,11 +633,12 @@ class _SpikeWatchHooks:
     @staticmethod
     def _take_fingerprints(records: list[_Batch], prints: list[list[torch.Tensor]], host: list[float]) -> list[float]:
         """Split the fingerprint sums off the end of the step's host values onto their records."""
-        start = len(host) - sum(len(group) for group in prints)
+        end = len(host) - sum(len(group) for group in prints)
+        start = end
         for record, group in zip(records, prints):
             record.fingerprint = (float(record.size or -1), *host[start : start + len(group)])
             start += len(group)
-        return host[: len(host) - sum(len(group) for group in prints)]
+        return host[:end]
 
     def _evaluate(self, trainer: Any, pl_module: Any, records: list[_Batch], optimizer: Any) -> None:
         """Read the step's numbers, keep the layer history, then run the detector on each batch."""
