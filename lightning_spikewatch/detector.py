@@ -55,6 +55,9 @@ class SpikeDetector:
             turn every wiggle into a spike.
         watch_grad_norm: also flag a batch whose gradient norm is an outlier, even if its loss is
             not (used by the actions: a blown-up gradient is dropped before it damages the loss).
+        baseline_window: how many values the windows of the signals scored only on spikes keep
+            (``window`` when None). A caller that reads those signals every n-th step passes about
+            ``window / n``, so that their baselines span as many steps as the loss window does.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class SpikeDetector:
         z_threshold: float = 6.0,
         min_rel_spread: float = 0.02,
         watch_grad_norm: bool = False,
+        baseline_window: int | None = None,
     ):
         if warmup < 3:
             raise ValueError(f"warmup must be at least 3, got {warmup}")
@@ -75,7 +79,11 @@ class SpikeDetector:
         # windows are scored on spikes only.
         scored = ("loss", "grad_norm") if watch_grad_norm else ("loss",)
         self.windows = {
-            name: RobustWindow(window, max(min_rel_spread, MIN_REL_SPREAD.get(name, 0.0)), keep_sorted=name in scored)
+            name: RobustWindow(
+                window if name in scored or baseline_window is None else baseline_window,
+                max(min_rel_spread, MIN_REL_SPREAD.get(name, 0.0)),
+                keep_sorted=name in scored,
+            )
             for name in WATCHED
         }
         self.batches_seen = 0

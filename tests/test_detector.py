@@ -136,3 +136,14 @@ def test_gradient_norm_bound_is_the_largest_norm_that_is_not_an_outlier():
     window = detector.windows["grad_norm"]
     assert window.zscore(bound) == pytest.approx(6.0)
     assert window.zscore(bound * 1.001) > 6.0
+
+
+def test_baseline_window_bounds_the_signals_read_every_few_steps_but_not_the_loss():
+    detector = SpikeDetector(window=64, warmup=5, baseline_window=10)
+    for i in range(100):
+        detector.observe(StepSignals(1.0 + 0.01 * (i % 3), 2.0, 3.0 + i))
+    assert len(detector.windows["loss"]) == 64
+    assert len(detector.windows["grad_norm"]) == len(detector.windows["input_rms"]) == 10
+    assert detector.windows["input_rms"].values() == [3.0 + i for i in range(90, 100)]  # the newest kept
+    watched = SpikeDetector(window=64, warmup=5, watch_grad_norm=True, baseline_window=10)
+    assert watched.windows["grad_norm"].size == 64  # scored every step: a full window
