@@ -1,7 +1,10 @@
 """`SpikeWatch`: the thin adapter from Lightning's hooks to the detector, the rules and the exports.
 
-Per step it launches one fused norm over the gradients and the batch's floating inputs and moves
-those norms and the loss to the host in one transfer; everything costly (Adam state, replay,
+Per step it moves the loss to the host (the one transfer) and scores it. The gradient and input
+norms (one fused norm, riding the same transfer) are read on every step on accelerators, where that
+costs one kernel launch; on the CPU, where it costs more than everything else together, they are
+read every ``baseline_every``-th step for their baselines, on every spike, and for the step before
+a spike from that step's gradients, kept by reference. Everything costly (Adam state, replay,
 class counts) happens only when the detector has flagged a spike. Every run-time failure is
 caught, reported once, and switches off only the part that failed.
 """
@@ -56,6 +59,7 @@ from lightning_spikewatch.stats import VectorHistory
 TOP_SAMPLES = 3
 LR_LOOKBACK = 8  # steps back in which a learning-rate jump can explain a spike
 LAYER_SNAPSHOT_ROWS = 32  # steps of per-layer gradient norms written to layers.jsonl per spike
+CPU_BASELINE_EVERY = 8  # on the CPU, read gradient and input norms every n-th step between spikes
 
 
 @dataclass(slots=True)
@@ -85,6 +89,17 @@ class _StepNumbers:
     input_norms: list[float]  # L2 norm of each floating input tensor, batch after batch
     losses: list[float]  # each batch's loss, unscaled and undivided
     amp_scaled: bool  # an fp16 GradScaler was active
+
+
+@dataclass(slots=True)
+class _Lookback:
+    """The last step whose gradients were not read: references only, read if the next step spikes."""
+
+    record: _Batch
+    loss: float
+    grads: list[torch.Tensor]
+    positions: list[int] | None
+    norms: list[float] | None = None  # read on demand, at most once
 
 
 @dataclass
@@ -149,6 +164,13 @@ class _SpikeWatchHooks:
             every element. Accelerators always read every element: one fused kernel is cheap there.
         plot: when fit ends, draw ``spikes.png`` in ``log_dir`` (needs matplotlib, the ``plot``
             extra) and log it to TensorBoard when the trainer has a TensorBoard logger.
+        baseline_every: read the gradient and input norms on every n-th step to keep their
+            baselines; a spike, and the step just before it, are always read in full. None (the
+            default): every step on accelerators, where one fused norm riding the loss's transfer
+            is cheap, and every 8th step on the CPU, where it costs more than the rest of SpikeWatch
+            together. On the CPU the step before is read from its gradients, kept alive by reference
+            for one step (one more set of gradients in host memory); elsewhere that needs 1. With
+            an action or manual optimization every step is read.
         action: what to do about a spike before the optimizer uses its gradients. None (default)
             only watches and changes nothing. ``"skip"`` drops the step's update; ``"clip"``
             scales the gradient down to the largest norm the detector does not call an outlier;
@@ -187,6 +209,7 @@ class _SpikeWatchHooks:
         print_summary: bool = True,
         batch_size_fn: Callable[[Any], int] | None = None,
         grad_sample: int | None = 65536,
+        baseline_every: int | None = None,
         plot: bool = False,
         action: str | None = None,
         act_on: Sequence[str] | None = None,
@@ -231,6 +254,13 @@ class _SpikeWatchHooks:
             grad_sample,
             "None or an integer >= 1024",
         )
+        _check(
+            baseline_every is None
+            or (isinstance(baseline_every, int) and not isinstance(baseline_every, bool) and baseline_every >= 1),
+            "baseline_every",
+            baseline_every,
+            "None or an integer >= 1 (1 reads every step)",
+        )
         _check(batch_size_fn is None or callable(batch_size_fn), "batch_size_fn", batch_size_fn, "a callable or None")
         for name, value in (
             ("replay", replay),
@@ -263,6 +293,9 @@ class _SpikeWatchHooks:
         self.print_summary = print_summary
         self.batch_size_fn = batch_size_fn
         self.grad_sample = grad_sample
+        self.baseline_every = baseline_every
+        self._every = baseline_every or 1  # resolved for the device at fit start
+        self._looks_back = False
         self.plot = plot
         self.spikes: list[SpikeEvent] = []
         self._disabled: set[str] = set()
@@ -281,7 +314,12 @@ class _SpikeWatchHooks:
 
     def _reset_run_state(self) -> None:
         self.detector = SpikeDetector(
-            self.window, self.warmup, self.z_threshold, self.min_rel_spread, watch_grad_norm=self._policy is not None
+            self.window,
+            self.warmup,
+            self.z_threshold,
+            self.min_rel_spread,
+            watch_grad_norm=self._policy is not None,
+            baseline_window=self._baseline_rows(),
         )
         self.actions_taken: Counter[str] = Counter()
         self.stopped: dict[str, Any] | None = None  # where action="stop" ended the fit, and its checkpoint
@@ -296,7 +334,9 @@ class _SpikeWatchHooks:
         self._non_finite_streak = False
         self._grads: GradientReader | None = None
         self._layer_history: VectorHistory | None = None
-        self._layer_steps: deque[int] = deque(maxlen=self.window)
+        self._layer_steps: deque[int] = deque(maxlen=self._baseline_rows())
+        self._lookback: _Lookback | None = None
+        self._lean = False
         self._lr_changes: dict[int, deque[tuple[int, list[float]]]] = {}
         self._records: list[_Batch] = []
         self._pending: list[_PendingSpike] = []
@@ -314,6 +354,19 @@ class _SpikeWatchHooks:
         self._accumulate = 1
         self._epoch = 0
         self._console = get_console()  # the console Lightning's RichProgressBar draws on
+
+    def _baseline_rows(self) -> int:
+        """Rows kept of the signals read every ``_every``-th step: as many steps back as the loss window."""
+        return self.window if self._every == 1 else max(self.warmup, math.ceil(self.window / self._every))
+
+    def _resolve_every(self, pl_module: Any) -> None:
+        """How often the gradient and input norms are read between spikes, for this run's device."""
+        on_cpu = getattr(getattr(pl_module, "device", None), "type", "cpu") == "cpu"
+        every = self.baseline_every or (CPU_BASELINE_EVERY if on_cpu else 1)
+        if self._policy is not None or not pl_module.automatic_optimization:
+            every = 1  # an action is decided from this step's gradient norm; manual steps read their own
+        self._every = every
+        self._looks_back = every > 1 and on_cpu
 
     def _disable(self, part: str, err: BaseException) -> None:
         if part in self._disabled:
@@ -340,6 +393,7 @@ class _SpikeWatchHooks:
 
     @_safely("watch")
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._resolve_every(pl_module)
         self._reset_run_state()
         self.spikes = []
         self._fit_started = True
@@ -425,8 +479,8 @@ class _SpikeWatchHooks:
         self._skip_list.load_state_dict(state.get("skip_list", {}))
         self.actions_taken = Counter(state.get("actions_taken", {}))
         if state.get("layer_history"):
-            self._layer_history = VectorHistory(self.window)
-            for row in state["layer_history"][-self.window :]:
+            self._layer_history = VectorHistory(self._baseline_rows())
+            for row in state["layer_history"][-self._baseline_rows() :]:
                 self._layer_history.record(row)
 
     @_safely("watch")
@@ -438,6 +492,16 @@ class _SpikeWatchHooks:
         self._nominal_batch_size = size if isinstance(size, int) and size > 0 else None
         self._dataset_size = _dataset_length(loader)
         self._accumulate = max(1, int(trainer.accumulate_grad_batches))
+        # The short per-step path: nothing to decide, undo or recognise on most steps.
+        self._lean = (
+            self._every > 1
+            and not self._manual
+            and self._accumulate == 1
+            and self._policy is None
+            and not self._skip_list
+            and self._grads is not None
+            and self._loss_scale(trainer) is None
+        )
 
     @_safely("watch")
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
@@ -465,10 +529,15 @@ class _SpikeWatchHooks:
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         if self._records and self._records[-1].loss is None:
             # Kept as is (detached in the one stack later): scaled under fp16, divided under accumulation.
-            self._records[-1].loss = loss
+            self._records[-1].loss = loss.detach()
 
     @_safely("watch")
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        records = self._records
+        if self._lean and len(records) == 1 and records[0].loss is not None:
+            watched = self.steps_watched
+            if watched >= self.warmup and watched % self._every and self._quiet_step(records[0], optimizer):
+                return
         self._record_lr(trainer.global_step, optimizer)
         if self._manual:
             # The detector runs at batch end, when the loss is known; one gradient read per batch.
@@ -563,7 +632,12 @@ class _SpikeWatchHooks:
 
     def _record_lr(self, step: int, optimizer: Any) -> None:
         """Keep the learning rates only when they change: no per-step allocation."""
-        lrs = [group["lr"] for group in optimizer.param_groups]
+        groups = optimizer.param_groups
+        if len(groups) == 1 and type(groups[0]["lr"]) is float:  # the usual case, checked first
+            changes = self._lr_changes.get(id(optimizer))
+            if changes and changes[-1][1][0] == groups[0]["lr"] and len(changes[-1][1]) == 1:
+                return
+        lrs = [group["lr"] for group in groups]
         if any(isinstance(lr, torch.Tensor) for lr in lrs):
             if any(lr.device.type != "cpu" for lr in lrs if isinstance(lr, torch.Tensor)):
                 return  # reading a learning rate kept on the GPU would cost a sync every step
@@ -641,8 +715,93 @@ class _SpikeWatchHooks:
         return host[:end]
 
     def _evaluate(self, trainer: Any, pl_module: Any, records: list[_Batch], optimizer: Any) -> None:
-        """Read the step's numbers, keep the layer history, then run the detector on each batch."""
-        numbers = self._read_step(trainer, records)
+        """Score the step's losses; read gradient and input norms too when due or on a spike."""
+        if self._reads_everything(trainer):
+            self._evaluate_read(trainer, pl_module, records, optimizer, self._read_step(trainer, records))
+            self._lookback = None
+            return
+        losses = self._read_losses(trainer, records)  # the one device-to-host transfer
+        for position, (record, loss) in enumerate(zip(records, losses)):
+            self._read_batch(trainer, record)
+            self.batches_watched += 1
+            loss_z = self.detector.observe_quietly(loss, None, None)
+            if loss_z is None:  # a spike or a non-finite loss: read the rest of the step after all
+                self.batches_watched -= 1
+                numbers = self._read_step(trainer, records)
+                self._evaluate_read(trainer, pl_module, records, optimizer, numbers, first=position)
+                self._lookback = None
+                return
+            self._settle(record, StepSignals(loss), loss_z, optimizer, is_spike=False)
+        self.steps_watched += 1
+        self._step_grad_norm = None
+        if self._looks_back and self._grads is not None and "grad_norms" not in self._disabled:
+            grads, positions = self._grads.grads()  # references: no device work unless the next step spikes
+            self._lookback = _Lookback(records[-1], losses[-1], grads, positions)
+
+    def _quiet_step(self, record: _Batch, optimizer: Any) -> bool:
+        """The usual step, kept as short as it can be: one batch, nothing due, its loss quiet.
+
+        Returns False, having changed nothing, when the loss is a spike or not finite; the
+        general path then reads the step in full.
+        """
+        loss = record.loss.item()  # the one device-to-host transfer
+        loss_z = self.detector.observe_quietly(loss, None, None)
+        if loss_z is None:
+            return False
+        self._records = []
+        self._record_lr(record.step, optimizer)
+        record.epoch = self._epoch
+        batch = record.batch
+        if self.batch_size_fn is None and type(batch) in (tuple, list) and batch and type(batch[0]) is torch.Tensor:
+            first = batch[0]  # the size of the usual (x, y) batch, without listing its inputs
+            record.size = first.shape[0] if first.ndim and first.numel() else None
+        if record.size is None:
+            self._read_batch(None, record)
+        self.steps_watched += 1
+        self.batches_watched += 1
+        self._step_grad_norm = None
+        self._last_loss_z = loss_z
+        self._non_finite_streak = False
+        log, every = self._log, self.trace_every
+        if log is not None and every and self.batches_watched % every == 0:
+            changes = self._lr_changes.get(id(optimizer))
+            lr = changes[-1][1][0] if changes and changes[-1][1] else math.nan
+            size = record.size
+            row = (record.step, record.epoch, record.batch_idx, loss, loss_z, math.nan, math.nan, size or -1, lr, 0)
+            try:
+                log.add_row(row)
+            except Exception as err:  # noqa: BLE001 - a full disk stops the files, not the run
+                self._disable("export", err)
+                self._log = None
+        if record.size is not None:
+            if self._nominal_batch_size is None:
+                self._sizes[record.size] += 1
+            self._previous_batch_size = record.size
+        if self._looks_back and "grad_norms" not in self._disabled:
+            self._lookback = _Lookback(record, loss, [p.grad for p in self._grads.params], None)
+        return True
+
+    def _reads_everything(self, trainer: Any) -> bool:
+        """Whether this step reads gradient and input norms whatever its loss."""
+        every = self._every
+        if every == 1 or self._manual or self.steps_watched < self.warmup or self.steps_watched % every == 0:
+            return True
+        return bool(self._skip_list)  # listed batches are recognised by content, read every step
+
+    def _read_losses(self, trainer: Any, records: list[_Batch]) -> list[float]:
+        """The batches' losses on the host, unscaled and undivided, in one transfer."""
+        scale = self._loss_scale(trainer)
+        if scale is None and len(records) == 1:
+            values = [records[0].loss.item()]
+        else:
+            values = to_host([r.loss for r in records] + ([scale] if scale is not None else []))
+        divisor = values.pop() if scale is not None else 1.0
+        return [value * self._accumulate / divisor for value in values]
+
+    def _evaluate_read(
+        self, trainer: Any, pl_module: Any, records: list[_Batch], optimizer: Any, numbers: _StepNumbers, first: int = 0
+    ) -> None:
+        """Keep the layer history, then run the detector on each batch from ``first`` on."""
         stepping, layers = records[-1], numbers.layers
         grad_norm = math.hypot(*layers) if layers else None
         if grad_norm is not None and numbers.amp_scaled and not math.isfinite(grad_norm):
@@ -653,21 +812,66 @@ class _SpikeWatchHooks:
         self._step_grad_norm = grad_norm
         if grad_norm is not None and math.isfinite(grad_norm):
             if self._layer_history is None:
-                self._layer_history = VectorHistory(self.window)
+                self._layer_history = VectorHistory(self._baseline_rows())
             positions = numbers.grad_positions
             self._layer_history.record(layers if positions is None else self._grads.spread(layers, positions))
             self._layer_steps.append(stepping.step)
         self.steps_watched += 1
-        offset = 0
-        for record, loss in zip(records, numbers.losses):
+        offset = sum(len(record.inputs) for record in records[:first])
+        for record, loss in zip(records[first:], numbers.losses[first:]):
             count = len(record.inputs)
             input_rms = None
             if record.input_numel:
                 squares = math.fsum(v * v for v in numbers.input_norms[offset : offset + count])
                 input_rms = math.sqrt(squares / record.input_numel)
             offset += count
+            if self._lookback is not None and not math.isfinite(loss):
+                self._attempt("attribution", self._blame_previous_update, trainer, pl_module, optimizer)
             signals = StepSignals(loss, grad_norm if record is stepping else None, input_rms)
             self._observe(trainer, pl_module, record, signals, optimizer, record is stepping)
+
+    def _lookback_norms(self, lookback: _Lookback) -> list[float] | None:
+        """Exact per-layer norms of the gradients kept from the step before (read once, on a spike)."""
+        if lookback.norms is None and self._grads is not None:
+            grads, positions = lookback.grads, lookback.positions
+            if positions is None and any(g is None for g in grads):  # some parameters had no gradient
+                positions = [i for i, g in enumerate(grads) if g is not None]
+                grads = [grads[i] for i in positions]
+            params = self._grads.params
+            if positions is not None:
+                params = [params[i] for i in positions]
+            if any(p.grad is g for p, g in zip(params, grads)):
+                return None  # zeroed in place and filled again: they hold this step's gradient now
+            lookback.norms = self._grads.spread(to_host(fused_norms(grads)), positions)
+        return lookback.norms
+
+    def _previous_layers(self, step: int) -> list[float] | None:
+        """Per-layer gradient norms of optimizer step ``step - 1``, when they were read or kept."""
+        lookback, history, steps = self._lookback, self._layer_history, self._layer_steps
+        if lookback is not None and lookback.record.step == step - 1:
+            return self._lookback_norms(lookback)
+        if history is None:
+            return None
+        for back in range(min(2, len(steps))):  # rows and their steps line up from the newest
+            if steps[-1 - back] == step - 1:
+                return history.latest(back)
+        if not steps and self._every == 1:  # rows restored from a checkpoint carry no step
+            return history.latest(1)
+        return None
+
+    def _blame_previous_update(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """A non-finite loss right after an unread step: if that step's gradients were non-finite,
+        its update broke the weights. Report that step (as an every-step read would have) and let
+        this loss count as its repeat."""
+        lookback, self._lookback = self._lookback, None
+        norms = self._lookback_norms(lookback)
+        if norms is None or all(math.isfinite(norm) for norm in norms):
+            return
+        loss_z, loss_median, loss_spread = self.detector.windows["loss"].score(lookback.loss)
+        verdict = Verdict(True, {"loss": loss_z}, {"loss": loss_median}, loss_spread, (), ("grad_norm",))
+        signals = StepSignals(lookback.loss, math.nan, None)
+        self._start_spike(trainer, pl_module, lookback.record, verdict, signals, optimizer, True, lookback)
+        self._non_finite_streak = True
 
     def _observe(
         self, trainer: Any, pl_module: Any, record: _Batch, signals: StepSignals, optimizer: Any, stepping: bool
@@ -681,6 +885,10 @@ class _SpikeWatchHooks:
             loss_z, is_spike = verdict.loss_z, verdict.is_spike
             if is_spike:
                 self._on_flagged(trainer, pl_module, record, verdict, signals, optimizer, stepping)
+        self._settle(record, signals, loss_z, optimizer, is_spike)
+
+    def _settle(self, record: _Batch, signals: StepSignals, loss_z: float, optimizer: Any, is_spike: bool) -> None:
+        """Bookkeeping after the detector's decision: streaks, the trace, batch sizes."""
         if not is_spike:
             self._non_finite_streak = False
         self._last_loss_z = loss_z
@@ -862,11 +1070,17 @@ class _SpikeWatchHooks:
         observed: StepSignals,
         optimizer: Any,
         is_stepping_batch: bool,
+        lookback: _Lookback | None = None,
     ) -> None:
-        """Gather the evidence that must be read before the optimizer steps (weights, Adam state)."""
+        """Gather the evidence that must be read before the optimizer steps (weights, Adam state).
+
+        With ``lookback`` the spike is the step before this one, found late: its gradients were
+        kept, but the weights and Adam state have moved on, so neither is read nor replayed.
+        """
         input_z = verdict.zscores.get("input_rms")
         leaves = tensor_leaves(record.batch)
-        is_last = is_stepping_batch and bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        is_last = is_stepping_batch and lookback is None
+        is_last = is_last and bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
         nominal = self._nominal_batch_size or self._observed_mode_size()
         indices = dataset_indices(record.batch, self.index_keys, record.size) if record.size else None
         context = SpikeContext(
@@ -891,12 +1105,18 @@ class _SpikeWatchHooks:
                 context.input_rms_sample = indices[position] if indices else position
         if optimizer is not None:
             context.lr_history = self._lr_history(optimizer, record.step)
-            if is_stepping_batch and not self._manual:
+            if is_stepping_batch and not self._manual and lookback is None:
                 context.adam = self._attempt("adam", adam_layers, optimizer, self._grads.name_of if self._grads else {})
         history = self._layer_history
-        if is_stepping_batch and history is not None and history.count >= 2 and self._grads is not None:
-            current, previous = history.latest(0), history.latest(1)
-            if self._grads.sampled:  # this step's exact norms; earlier ones stay sampled estimates
+        if lookback is not None and history is not None and history.count and self._grads is not None:
+            current = self._lookback_norms(lookback)
+            if current is not None:
+                context.layers = LayerGradients(self._grads.names, current, history.typical(), None)
+        elif is_stepping_batch and history is not None and history.count >= 2 and self._grads is not None:
+            steps = self._layer_steps
+            current = history.latest(0) if steps and steps[-1] == record.step else None
+            previous = self._previous_layers(record.step)
+            if current is None or self._grads.sampled:  # this step's exact norms (estimates stay in the history)
                 grads, positions = self._grads.grads()
                 current = self._grads.spread(to_host(fused_norms(grads)), positions)
             context.layers = LayerGradients(self._grads.names, current, history.typical(), previous)
@@ -912,23 +1132,35 @@ class _SpikeWatchHooks:
                 and leaf is not index_tensor
                 for leaf in leaves
             )
-        if record.per_sample_loss is None and self._can_replay(trainer, record):
+        if record.per_sample_loss is None and lookback is None and self._can_replay(trainer, record):
             context.samples = self._attempt("replay", self._replay, trainer, pl_module, record, context.loss, indices)
         signals = list(verdict.outliers) + [
             f"non_finite:{name}" for name in verdict.non_finite if name not in verdict.outliers
         ]
-        self._pending.append(_PendingSpike(record, context, signals, self._layer_snapshot(context)))
+        self._pending.append(_PendingSpike(record, context, signals, self._layer_snapshot(context, record.step)))
 
-    def _layer_snapshot(self, context: SpikeContext, rows: int = LAYER_SNAPSHOT_ROWS) -> dict[str, Any] | None:
+    def _layer_snapshot(
+        self, context: SpikeContext, step: int, rows: int = LAYER_SNAPSHOT_ROWS
+    ) -> dict[str, Any] | None:
+        """The per-layer norms read up to the spiking step (every step, or every n-th and the last two)."""
         history = self._layer_history
         if history is None or self._grads is None or not history.count:
             return None
         kept = min(rows, history.count)
         norms = [history.latest(back) for back in range(kept - 1, -1, -1)]
-        if context.layers is not None:  # exact norms of the spiking step replace its estimate
-            norms[-1] = list(context.layers.current)
         steps = list(self._layer_steps)[-kept:]
         steps = [None] * (kept - len(steps)) + steps  # rows restored from a checkpoint carry no step
+        layers = context.layers
+        if layers is not None:  # exact norms of the spiking step replace its estimate
+            if steps[-1] == step or (steps[-1] is None and self._every == 1):
+                norms[-1] = list(layers.current)
+            else:  # found from the previous step's kept gradients: not in the history
+                steps.append(step)
+                norms.append(list(layers.current))
+            if layers.previous is not None and step - 1 not in steps:
+                steps.insert(-1, step - 1)
+                norms.insert(-1, list(layers.previous))
+            steps, norms = steps[-rows:], norms[-rows:]
         return {"names": self._grads.names, "steps": steps, "norms": norms}
 
     def _finish_spike(self, trainer: Any, pending: _PendingSpike) -> None:
@@ -1038,6 +1270,7 @@ class _SpikeWatchHooks:
                 "min_rel_spread": self.min_rel_spread,
                 "replay": self.replay,
                 "max_replays": self.max_replays,
+                "baseline_every": self._every,
                 "action": self.action,
                 "act_on": list(self.act_on) if self.act_on is not None else None,
             },

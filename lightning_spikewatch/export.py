@@ -102,7 +102,7 @@ class SpikeLog:
         if self._steps is None:
             return
         nan = math.nan
-        self._rows.append(
+        self.add_row(
             (
                 step,
                 epoch,
@@ -116,7 +116,14 @@ class SpikeLog:
                 spike,
             )
         )
-        if len(self._rows) >= TRACE_BUFFER_ROWS:
+
+    def add_row(self, row: tuple) -> None:
+        """Buffer one trace row already in ``TRACE_COLUMNS`` order (the per-step fast path)."""
+        if self._steps is None:
+            return
+        rows = self._rows
+        rows.append(row)
+        if len(rows) >= TRACE_BUFFER_ROWS:
             self._write_rows()
 
     def _write_rows(self) -> None:

@@ -25,6 +25,9 @@ from lightning_spikewatch import SpikeWatch
         ({"action": "skip", "act_on": ["outliers"]}, "act_on"),
         ({"action": "skip", "act_on": []}, "act_on"),
         ({"act_on": ["non_finite"]}, "act_on"),
+        ({"baseline_every": 0}, "baseline_every"),
+        ({"baseline_every": 2.5}, "baseline_every"),
+        ({"baseline_every": True}, "baseline_every"),
     ],
 )
 def test_bad_argument_raises_value_error_naming_it(kwargs, name):

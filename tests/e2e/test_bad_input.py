@@ -239,13 +239,19 @@ def test_inf_loss_is_non_finite(tmp_path):
     assert (w.spikes[0].batch_idx, w.spikes[0].cause) == (40, "non_finite")
 
 
-def test_nan_gradient_with_a_finite_loss_is_non_finite(tmp_path):
-    w = watch(tmp_path)
-    model = seeded(TinyNet, grad_blowup=(40, "net.3.weight", float("nan")))
+# Step 40 is one whose gradients are read on the CPU (every 8th); at step 43 they are not, and the NaN
+# gradient is found from that step's gradients, kept by reference, when the next loss is NaN.
+@pytest.mark.parametrize("baseline_every", [None, 1], ids=["cpu_default", "every_step"])
+@pytest.mark.parametrize("step", [40, 43])
+def test_nan_gradient_with_a_finite_loss_is_non_finite(tmp_path, step, baseline_every):
+    w = watch(tmp_path, baseline_every=baseline_every)
+    model = seeded(TinyNet, grad_blowup=(step, "net.3.weight", float("nan")))
     trainer = fit(model, regression_data(), [w])
     assert trainer.global_step == 60
     first = w.spikes[0]
-    assert (first.step, first.cause) == (40, "non_finite") and first.evidence["non_finite"] == ["grad_norm"]
+    assert (first.step, first.batch_idx, first.cause) == (step, step, "non_finite")
+    assert first.evidence["non_finite"] == ["grad_norm"]
+    assert len(w.spikes) == 1 and w.non_finite_repeats > 0  # the NaN weights that follow are counted once
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,101 @@
+"""On the CPU, gradient and input norms are read every 8th step, on spikes, and for the step before
+a spike from its kept gradients. These runs check that this finds what reading every step finds."""
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from lightning_spikewatch import SpikeWatch
+from tests.e2e.tiny import BATCH, TinyNet, fit, loader, position, regression_data, seeded
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+
+
+def watch(tmp_path, **kwargs) -> SpikeWatch:
+    return SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False, **kwargs)
+
+
+def found(w: SpikeWatch) -> list[tuple[int, int, str]]:
+    return [(e.step, e.batch_idx, e.cause) for e in w.spikes]
+
+
+def planted_data():
+    """Causes planted on batches that fall between the every-8th-step reads (and one on a read)."""
+    data = regression_data(n=BATCH * 120)
+    data.y[position(45)] += 30.0  # an outlier target
+    rows = slice(position(77, 0), position(78, 0))
+    data.x[rows] = data.x[rows] / 1e-4  # a batch normalised with a near-zero std
+    data.y[position(104)] -= 30.0  # an outlier target on a step whose norms are read anyway
+    return data
+
+
+def test_thinned_reads_find_the_spikes_and_causes_that_reading_every_step_finds(tmp_path):
+    runs = {}
+    for every in (None, 1):
+        w = watch(tmp_path / str(every), baseline_every=every)
+        fit(seeded(TinyNet), planted_data(), [w])
+        runs[every] = w
+    thinned, full = runs[None], runs[1]
+    assert thinned.summary()["settings"]["baseline_every"] == 8 and full.summary()["settings"]["baseline_every"] == 1
+    planted = {(45, "outlier_sample"), (77, "input_scale"), (104, "outlier_sample")}
+    assert planted <= {(batch, cause) for _, batch, cause in found(full)}
+    assert found(thinned) == found(full)
+    for a, b in zip(thinned.spikes, full.spikes):
+        assert a.evidence.get("samples", [{}])[0].get("index") == b.evidence.get("samples", [{}])[0].get("index")
+
+
+def test_seed_demo_finds_the_same_short_batch_spikes_either_way(tmp_path):
+    import seed_adam_spikes as demo
+
+    runs = {}
+    for every in (None, 1):
+        pl.seed_everything(0, verbose=False)
+        w = watch(tmp_path / str(every), baseline_every=every)
+        fit(demo.SeedMLP(), loader(demo.make_dataset(), shuffle=True), [w], max_epochs=15)
+        runs[every] = found(w)
+    assert len(runs[1]) >= 2 and {cause for _, _, cause in runs[1]} == {"short_batch"}
+    assert runs[None] == runs[1]
+
+
+def test_trace_has_gradient_norms_on_read_steps_and_spikes_only(tmp_path):
+    data = regression_data()
+    data.y[position(45)] += 30.0
+    w = watch(tmp_path)
+    fit(seeded(TinyNet), data, [w])
+    with (tmp_path / "steps.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(data) // BATCH
+    for row in rows:
+        step, has_norm = int(row["step"]), math.isfinite(float(row["grad_norm"]))
+        read = step < w.warmup or step % 8 == 0 or row["spike"] == "1"
+        assert has_norm == read, row
+        assert math.isfinite(float(row["loss"])) and int(row["batch_size"]) == BATCH
+
+
+def test_gradients_zeroed_in_place_are_not_mistaken_for_the_step_before(tmp_path):
+    class ZeroInPlace(TinyNet):
+        def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+            optimizer.zero_grad(set_to_none=False)  # the kept tensors then hold the next gradient
+
+    w = watch(tmp_path)
+    fit(seeded(ZeroInPlace, optimizer="sgd", lr=0.05, grad_blowup=(43, "net.3.weight", 3e3)), regression_data(), [w])
+    event = w.spikes[0]
+    assert event.step == 44
+    # The step before cannot be read back, so nothing may be claimed or drawn for it.
+    assert all(c.evidence.get("which") != "previous step" for c in event.causes)
+    snapshot = json.loads((tmp_path / "layers.jsonl").read_text().splitlines()[0])
+    assert snapshot["steps"][-1] == 44 and 43 not in snapshot["steps"]
+
+
+def test_the_step_before_a_spike_is_read_from_its_kept_gradients(tmp_path):
+    w = watch(tmp_path)
+    fit(seeded(TinyNet, optimizer="sgd", lr=0.05, grad_blowup=(43, "net.3.weight", 3e3)), regression_data(), [w])
+    snapshot = json.loads((tmp_path / "layers.jsonl").read_text().splitlines()[0])
+    assert snapshot["steps"][-2:] == [43, 44]
+    blown = snapshot["names"].index("net.3.weight")
+    before = snapshot["norms"][-3]  # the last row read before the blow-up
+    assert snapshot["norms"][-2][blown] > 100 * before[blown]
