@@ -121,6 +121,13 @@ def spikewatch() -> pl.Callback:
     return SpikeWatch(log_dir=tempfile.mkdtemp(prefix="spikewatch_bench_"), print_spikes=False, print_summary=False)
 
 
+def spikewatch_every_step() -> pl.Callback:
+    """SpikeWatch reading gradient and input norms on every step, as it does on accelerators."""
+    return SpikeWatch(
+        log_dir=tempfile.mkdtemp(prefix="spikewatch_bench_"), baseline_every=1, print_spikes=False, print_summary=False
+    )
+
+
 def spikewatch_skip() -> pl.Callback:
     """SpikeWatch with an action on: the gradient norm is then scored every step as well."""
     return SpikeWatch(
@@ -144,6 +151,7 @@ VARIANTS: dict[str, Callable[[], pl.Callback | None]] = {
     "empty callback": pl.Callback,  # what Lightning charges for any callback at all
     "fused-norm floor": FusedNormFloor,
     "spikewatch": spikewatch,
+    "spikewatch every step": spikewatch_every_step,
     "spikewatch action=skip": spikewatch_skip,
     "grad_norm logging": GradNormLogging,
     "SpikeDetection": lightning_spike_detection,
