@@ -169,8 +169,9 @@ class _SpikeWatchHooks:
             default): every step on accelerators, where one fused norm riding the loss's transfer
             is cheap, and every 8th step on the CPU, where it costs more than the rest of SpikeWatch
             together. On the CPU the step before is read from its gradients, kept alive by reference
-            for one step (one more set of gradients in host memory); elsewhere that needs 1. With
-            an action or manual optimization every step is read.
+            for one step (one more set of gradients in host memory); on an accelerator with n > 1 it
+            is not read back, which would hold a second set of gradients in device memory. With an
+            action or manual optimization every step is read.
         action: what to do about a spike before the optimizer uses its gradients. None (default)
             only watches and changes nothing. ``"skip"`` drops the step's update; ``"clip"``
             scales the gradient down to the largest norm the detector does not call an outlier;
