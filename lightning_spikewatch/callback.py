@@ -761,23 +761,7 @@ class _SpikeWatchHooks:
         self.steps_watched += 1
         self.batches_watched += 1
         self._step_grad_norm = None
-        self._last_loss_z = loss_z
-        self._non_finite_streak = False
-        log, every = self._log, self.trace_every
-        if log is not None and every and self.batches_watched % every == 0:
-            changes = self._lr_changes.get(id(optimizer))
-            lr = changes[-1][1][0] if changes and changes[-1][1] else math.nan
-            size = record.size
-            row = (record.step, record.epoch, record.batch_idx, loss, loss_z, math.nan, math.nan, size or -1, lr, 0)
-            try:
-                log.add_row(row)
-            except Exception as err:  # noqa: BLE001 - a full disk stops the files, not the run
-                self._disable("export", err)
-                self._log = None
-        if record.size is not None:
-            if self._nominal_batch_size is None:
-                self._sizes[record.size] += 1
-            self._previous_batch_size = record.size
+        self._settle(record, StepSignals(loss), loss_z, optimizer, is_spike=False)
         if self._looks_back and "grad_norms" not in self._disabled:
             self._lookback = _Lookback(record, loss, [p.grad for p in self._grads.params], None)
         return True

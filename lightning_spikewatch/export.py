@@ -102,7 +102,7 @@ class SpikeLog:
         if self._steps is None:
             return
         nan = math.nan
-        self.add_row(
+        self._rows.append(
             (
                 step,
                 epoch,
@@ -116,14 +116,7 @@ class SpikeLog:
                 spike,
             )
         )
-
-    def add_row(self, row: tuple) -> None:
-        """Buffer one trace row already in ``TRACE_COLUMNS`` order (the per-step fast path)."""
-        if self._steps is None:
-            return
-        rows = self._rows
-        rows.append(row)
-        if len(rows) >= TRACE_BUFFER_ROWS:
+        if len(self._rows) >= TRACE_BUFFER_ROWS:
             self._write_rows()
 
     def _write_rows(self) -> None:
