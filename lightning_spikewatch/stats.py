@@ -150,30 +150,6 @@ class RobustWindow:
         spread = self._mad if self._mad > floor else floor
         return (value - median) / (MAD_TO_SIGMA * spread), median, MAD_TO_SIGMA * spread
 
-    def quiet_bound(self, pushes: int, threshold: float) -> float:
-        """A value below which ``score`` stays under ``threshold``, now and after up to ``pushes``
-        more pushes of any finite values: a caller can then settle such values with one comparison
-        and push them later, getting the same decisions as scoring each one at once.
-
-        Each push (with the pop of the oldest) moves any order statistic by at most one position,
-        so after ``pushes`` of them the median is within ``pushes`` positions of today's, and every
-        distance to it has moved by no more than the median did. The bound puts the median and the
-        MAD at their lowest reachable values. -inf (nothing is certain) unless the window is full
-        and kept sorted.
-        """
-        values, n = self._sorted, len(self._fifo)
-        low_index, high_index = (n - 1) // 2 - pushes, n // 2 + pushes
-        if not self.keep_sorted or n < self.size or low_index < 0 or high_index >= n:
-            return -math.inf
-        median = median_of_sorted(values)
-        low, high = values[low_index], values[high_index]
-        shift = max(median - low, high - median)  # how far the median can move
-        mad_low = _kth_distance(values, median, bisect_left(values, median), low_index) - shift
-        magnitude = low if low > 0 else (-high if high < 0 else 0.0)  # least |median| reachable
-        spread = max(mad_low, self.min_rel_spread * magnitude, self.min_abs_spread)
-        reach = threshold * MAD_TO_SIGMA * spread
-        return low + reach - 1e-9 * (abs(low) + reach)  # a margin far above rounding error
-
     def values(self) -> list[float]:
         """The stored values, oldest first."""
         return list(self._fifo)
