@@ -15,6 +15,7 @@ import functools
 import importlib
 import logging
 import math
+import operator
 import os
 import warnings
 from collections import Counter, deque
@@ -60,6 +61,7 @@ TOP_SAMPLES = 3
 LR_LOOKBACK = 8  # steps back in which a learning-rate jump can explain a spike
 LAYER_SNAPSHOT_ROWS = 32  # steps of per-layer gradient norms written to layers.jsonl per spike
 CPU_BASELINE_EVERY = 8  # on the CPU, read gradient and input norms every n-th step between spikes
+_GRAD_OF = operator.attrgetter("grad")  # a C-level getter: the quiet step keeps every gradient by reference
 
 
 @dataclass(slots=True)
@@ -763,7 +765,7 @@ class _SpikeWatchHooks:
         self._step_grad_norm = None
         self._settle(record, StepSignals(loss), loss_z, optimizer, is_spike=False)
         if self._looks_back and "grad_norms" not in self._disabled:
-            self._lookback = _Lookback(record, loss, [p.grad for p in self._grads.params], None)
+            self._lookback = _Lookback(record, loss, list(map(_GRAD_OF, self._grads.params)), None)
         return True
 
     def _reads_everything(self, trainer: Any) -> bool:

@@ -134,7 +134,7 @@ class GradientReader:
     def views(self, grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[float] | None]:
         """What to take the norm of for each gradient, and the factor that turns it into the norm."""
         limit = self.sample
-        if not limit or not grads or grads[0].device.type != "cpu" or not self._has_large:
+        if not self._has_large or not grads or grads[0].device.type != "cpu":  # cheapest test first
             self.sampled = False
             return grads, None
         views, factors = [], []
