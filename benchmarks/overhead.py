@@ -7,6 +7,7 @@ cancels, and reports each variant's median step time relative to the bare Traine
     python benchmarks/overhead.py                       # CPU, both workloads, 5 repetitions
     python benchmarks/overhead.py --accelerator gpu     # the same on a GPU
     python benchmarks/overhead.py --scaling             # also: 10x more steps, same per-step cost?
+    python benchmarks/overhead.py --parts               # also: where SpikeWatch's time goes in the loop
     python benchmarks/overhead.py --out overhead.json   # and write the numbers as JSON
 """
 
@@ -446,6 +447,76 @@ def spike_cost(workload: Workload, accelerator: str, console: Console) -> dict:
     return {"per_spike_ms": per_spike_ms, "spikes": len(timings)}
 
 
+PARTS = {  # where SpikeWatch's per-step time goes; indented names run inside the hook above them
+    "on_train_batch_start": "hook: keep the batch by reference",
+    "on_before_backward": "hook: keep the loss (detached)",
+    "on_before_optimizer_step": "hook: the step's work",
+    "_quiet_step": "  quiet step: loss to host, score, bookkeeping, gradients kept",
+    "_evaluate": "  general path: warm-up, every n-th step, spikes",
+    "_read_step": "    fused gradient + input norms and their transfer",
+    "observe_quietly": "  detector: robust z of the loss, windows pushed",
+    "_record_lr": "  learning rate (kept only when it changes)",
+    "_settle": "  trace row, batch sizes, streaks",
+    "on_train_batch_end": "hook: per-sample losses, pending spikes, loggers",
+}
+
+
+def part_costs(workload: Workload, accelerator: str, skip: int, console: Console) -> dict:
+    """Time SpikeWatch's hooks and main parts inside a real loop (timers add ~0.1 us per call).
+
+    Inside the loop each part costs several times what it costs timed alone, as the loop's tensor
+    work leaves the caches cold for Python; this is where the per-step overhead goes.
+    """
+    from lightning_spikewatch.callback import _SpikeWatchHooks
+    from lightning_spikewatch.detector import SpikeDetector
+
+    spent: dict[str, list[int]] = {name: [] for name in PARTS}
+    originals = {}
+    for name in PARTS:
+        owner = SpikeDetector if name == "observe_quietly" else _SpikeWatchHooks
+        original = originals[name] = (owner, getattr(owner, name))
+
+        def timed(*args, _name=name, _original=original[1], **kwargs):
+            start = time.perf_counter_ns()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                spent[_name].append(time.perf_counter_ns() - start)
+
+        setattr(owner, name, timed)
+
+    class StartCounting(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == skip:
+                for calls in spent.values():
+                    calls.clear()
+
+    steps = workload.steps * 2
+    try:
+        watch = SpikeWatch(log_dir=tempfile.mkdtemp(), print_spikes=False, print_summary=False)
+        trainer = quiet_trainer(steps, accelerator, [StartCounting(), watch])
+        trainer.fit(workload.model(), workload.loader(steps))
+    finally:
+        for name, (owner, original) in originals.items():
+            setattr(owner, name, original)
+    measured = steps - skip
+    table = Table(title=f"{workload.name}: where SpikeWatch's time goes, inside the loop", title_justify="left")
+    for column in ("part", "us per step", "calls per step", "us per call (median)"):
+        table.add_column(column, justify="left" if column == "part" else "right")
+    rows = {}
+    for name, label in PARTS.items():
+        calls = spent[name]
+        rows[name] = {
+            "us_per_step": sum(calls) / measured / 1e3,
+            "calls_per_step": len(calls) / measured,
+            "us_per_call_median": statistics.median(calls) / 1e3 if calls else 0.0,
+        }
+        row = rows[name]
+        table.add_row(label, f"{row['us_per_step']:.1f}", f"{row['calls_per_step']:.3f}", f"{row['us_per_call_median']:.1f}")
+    console.print(table)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
@@ -453,6 +524,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions (at least 5)")
     parser.add_argument("--skip", type=int, default=30, help="steps left out of the timing at the start of each fit")
     parser.add_argument("--scaling", action="store_true", help="also run 10x the steps")
+    parser.add_argument("--parts", action="store_true", help="also time SpikeWatch's parts inside the loop")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -473,6 +545,10 @@ def main() -> None:
     report["spike_cost"] = {
         name: spike_cost(WORKLOADS[name], args.accelerator, console) for name in args.workloads.split(",")
     }
+    if args.parts:
+        report["parts"] = {
+            name: part_costs(WORKLOADS[name], args.accelerator, args.skip, console) for name in args.workloads.split(",")
+        }
     if args.scaling:
         report["scaling"] = scaling_check(WORKLOADS[args.workloads.split(",")[0]], args.accelerator, args.skip, console)
     if args.out:
