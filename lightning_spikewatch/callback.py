@@ -4,9 +4,11 @@ Per step it moves the loss to the host (the one transfer) and scores it. The gra
 norms (one fused norm, riding the same transfer) are read on every step on accelerators, where that
 costs one kernel launch; on the CPU, where it costs more than everything else together, they are
 read every ``baseline_every``-th step for their baselines, on every spike, and for the step before
-a spike from that step's gradients, kept by reference. Everything costly (Adam state, replay,
-class counts) happens only when the detector has flagged a spike. Every run-time failure is
-caught, reported once, and switches off only the part that failed.
+a spike from that step's gradients, kept by reference. Between those reads a loss below the
+detector's quiet bound (which no loss under it can cross in so few steps) is settled by that one
+comparison and scored at the next read, in order, with the same result. Everything costly (Adam
+state, replay, class counts) happens only when the detector has flagged a spike. Every run-time
+failure is caught, reported once, and switches off only the part that failed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from rich import get_console
@@ -76,6 +78,7 @@ class _Batch:
     inputs: list[torch.Tensor] = field(default_factory=list)  # floating input tensors, targets left out
     input_numel: int = 0
     loss: torch.Tensor | None = None
+    host_loss: float | None = None  # the loss already read to the host (unscaled, undivided), if it was
     per_sample_loss: torch.Tensor | None = None
     layer_norms: tuple[torch.Tensor, ...] | None = None  # manual optimization: read at the first step
     grad_positions: list[int] | None = None
@@ -91,6 +94,18 @@ class _StepNumbers:
     input_norms: list[float]  # L2 norm of each floating input tensor, batch after batch
     losses: list[float]  # each batch's loss, unscaled and undivided
     amp_scaled: bool  # an fp16 GradScaler was active
+
+
+class _Settled(NamedTuple):
+    """A quiet step settled by one comparison with the detector's quiet bound, observed later in order."""
+
+    step: int
+    epoch: int
+    batch_idx: int
+    size: int | None
+    loss: float
+    number: int  # batches watched up to and including this one (for ``trace_every``)
+    optimizer: Any
 
 
 @dataclass(slots=True)
@@ -340,6 +355,11 @@ class _SpikeWatchHooks:
         self._layer_steps: deque[int] = deque(maxlen=self._baseline_rows())
         self._lookback: _Lookback | None = None
         self._lean = False
+        self._held: tuple[Any, int, int] | None = None  # lean path: this step's batch, batch_idx, step
+        self._held_loss: torch.Tensor | None = None  # lean path: this step's loss, as passed to backward
+        self._held_lookback: tuple | None = None  # lean path: the last settled step's batch and gradients
+        self._settled: list[_Settled] = []  # quiet steps not yet observed by the detector
+        self._quiet_below: float | None = None  # the detector's quiet bound; None: to be computed
         self._lr_changes: dict[int, deque[tuple[int, list[float]]]] = {}
         self._records: list[_Batch] = []
         self._pending: list[_PendingSpike] = []
@@ -454,6 +474,7 @@ class _SpikeWatchHooks:
 
     def state_dict(self) -> dict[str, Any]:
         """Windows, spike history and counters, so a resumed fit needs no second warm-up."""
+        self._attempt("watch", self._catch_up)
         layers = self._layer_history
         return {
             "detector": self.detector.state_dict(),
@@ -512,6 +533,9 @@ class _SpikeWatchHooks:
 
     @_safely("watch")
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._lean:  # references only; a record is made if the step turns out not to be quiet
+            self._held, self._held_loss = (batch, batch_idx, trainer.global_step), None
+            return
         records = self._records
         # Batches that never reach an optimizer step (training_step returned None) must not pile up.
         if len(records) >= self._accumulate:
@@ -530,17 +554,28 @@ class _SpikeWatchHooks:
 
     @_safely("watch")
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        if self._lean:
+            if self._held_loss is None:  # the first backward of the step (a closure may run several)
+                self._held_loss = loss  # dropped at this step's optimizer step: no graph is held longer
+            return
         if self._records and self._records[-1].loss is None:
             # Kept as is (detached in the one stack later): scaled under fp16, divided under accumulation.
             self._records[-1].loss = loss.detach()
 
     @_safely("watch")
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        records = self._records
-        if self._lean and len(records) == 1 and records[0].loss is not None:
-            watched = self.steps_watched
-            if watched >= self.warmup and watched % self._every and self._quiet_step(records[0], optimizer):
-                return
+        if self._lean:
+            loss, self._held_loss = self._held_loss, None
+            if loss is None or self._held is None:
+                return  # nothing held: the step was seen already (a closure run again) or had no backward
+            watched, host_loss = self.steps_watched, None
+            if watched >= self.warmup and watched % self._every:  # no read due: the loss may settle it
+                host_loss = loss.item()  # the one device-to-host transfer
+                if self._quiet_step(host_loss, optimizer):
+                    return
+            batch, batch_idx, step = self._held
+            self._records = [_Batch(batch, batch_idx, step, loss=loss.detach(), host_loss=host_loss)]
+        self._catch_up()
         self._record_lr(trainer.global_step, optimizer)
         if self._manual:
             # The detector runs at batch end, when the loss is known; one gradient read per batch.
@@ -563,7 +598,8 @@ class _SpikeWatchHooks:
 
     @_safely("watch")
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if (type(outputs) is dict or isinstance(outputs, Mapping)) and "per_sample_loss" in outputs:
+        waiting = self._records or self._pending  # batches that per-sample losses could belong to
+        if waiting and (type(outputs) is dict or isinstance(outputs, Mapping)) and "per_sample_loss" in outputs:
             per_sample = outputs["per_sample_loss"]
             if isinstance(per_sample, torch.Tensor):
                 for item in (*self._records, *(p.record for p in self._pending)):
@@ -592,6 +628,7 @@ class _SpikeWatchHooks:
 
     @_safely("watch")
     def _flush_epoch(self, trainer: Any) -> None:
+        self._catch_up()
         if self._log is not None:
             self._attempt("export", self._log.flush_trace)
 
@@ -734,39 +771,68 @@ class _SpikeWatchHooks:
                 self._evaluate_read(trainer, pl_module, records, optimizer, numbers, first=position)
                 self._lookback = None
                 return
-            self._settle(record, StepSignals(loss), loss_z, optimizer, is_spike=False)
+            self._settle(record, StepSignals(loss), loss_z, optimizer, False, self.batches_watched)
         self.steps_watched += 1
         self._step_grad_norm = None
         if self._looks_back and self._grads is not None and "grad_norms" not in self._disabled:
             grads, positions = self._grads.grads()  # references: no device work unless the next step spikes
             self._lookback = _Lookback(records[-1], losses[-1], grads, positions)
 
-    def _quiet_step(self, record: _Batch, optimizer: Any) -> bool:
-        """The usual step, kept as short as it can be: one batch, nothing due, its loss quiet.
+    def _quiet_step(self, loss: float, optimizer: Any) -> bool:
+        """The usual step, kept to one comparison: a loss under the detector's quiet bound cannot
+        be a spike, whatever the few losses before it, so it is settled now and observed (scored,
+        traced) at the next general step, in order, with the same result.
 
-        Returns False, having changed nothing, when the loss is a spike or not finite; the
-        general path then reads the step in full.
+        Returns False, having changed nothing, for any other loss; the general path then decides it.
         """
-        loss = record.loss.item()  # the one device-to-host transfer
-        loss_z = self.detector.observe_quietly(loss, None, None)
-        if loss_z is None:
+        below = self._quiet_below
+        settled, most = self._settled, self._every - 1  # a general step comes at least every n-th step
+        if below is None:  # the last of ``most`` settled losses is scored after ``most - 1`` pushes
+            below = self._quiet_below = self.detector.quiet_bound(most - 1)
+        if not -math.inf < loss < below or len(settled) >= most:
             return False
-        self._records = []
-        self._record_lr(record.step, optimizer)
-        record.epoch = self._epoch
-        batch = record.batch
-        if self.batch_size_fn is None and type(batch) in (tuple, list) and batch and type(batch[0]) is torch.Tensor:
-            first = batch[0]  # the size of the usual (x, y) batch, without listing its inputs
-            record.size = first.shape[0] if first.ndim and first.numel() else None
-        if record.size is None:
-            self._read_batch(None, record)
+        batch, batch_idx, step = self._held
+        self._record_lr(step, optimizer)
+        size = self._size_of(batch)
         self.steps_watched += 1
         self.batches_watched += 1
         self._step_grad_norm = None
-        self._settle(record, StepSignals(loss), loss_z, optimizer, is_spike=False)
+        settled.append(_Settled(step, self._epoch, batch_idx, size, loss, self.batches_watched, optimizer))
         if self._looks_back and "grad_norms" not in self._disabled:
-            self._lookback = _Lookback(record, loss, list(map(_GRAD_OF, self._grads.params)), None)
+            # References only: read if the next step spikes; the batch is kept for its evidence.
+            self._held_lookback = (self._held, size, loss, list(map(_GRAD_OF, self._grads.params)))
+        else:
+            self._held_lookback = None
         return True
+
+    def _size_of(self, batch: Any) -> int | None:
+        """The batch size; for the usual ``(x, y)`` batch from its first tensor, without listing its inputs."""
+        if self.batch_size_fn is None and type(batch) in (tuple, list) and batch and type(batch[0]) is torch.Tensor:
+            first = batch[0]
+            return first.shape[0] if first.ndim and first.numel() else None
+        record = _Batch(batch, 0)
+        self._read_batch(None, record)
+        return record.size
+
+    def _catch_up(self) -> None:
+        """Observe the steps settled by the quiet bound, in order: the detector's windows, the
+        trace and the batch sizes are then as if each had been scored at once."""
+        self._quiet_below = None  # the windows move: the bound is computed again when next needed
+        if not self._settled:
+            return
+        settled, self._settled = self._settled, []
+        held, self._held_lookback = self._held_lookback, None  # the last settled step: the one before this
+        if held is None:
+            self._lookback = None
+        else:
+            (batch, batch_idx, step), size, loss, grads = held
+            self._lookback = _Lookback(_Batch(batch, batch_idx, step, self._epoch, size), loss, grads, None)
+        for row in settled:
+            signals = StepSignals(row.loss)
+            loss_z = self.detector.observe_quietly(row.loss, None, None)
+            if loss_z is None:  # ruled out by the bound; observed in full all the same, to keep the windows in step
+                loss_z = self.detector.observe(signals).loss_z
+            self._settle(row, signals, loss_z, row.optimizer, False, row.number)
 
     def _reads_everything(self, trainer: Any) -> bool:
         """Whether this step reads gradient and input norms whatever its loss."""
@@ -779,7 +845,8 @@ class _SpikeWatchHooks:
         """The batches' losses on the host, unscaled and undivided, in one transfer."""
         scale = self._loss_scale(trainer)
         if scale is None and len(records) == 1:
-            values = [records[0].loss.item()]
+            host = records[0].host_loss
+            values = [records[0].loss.item() if host is None else host]
         else:
             values = to_host([r.loss for r in records] + ([scale] if scale is not None else []))
         divisor = values.pop() if scale is not None else 1.0
@@ -872,24 +939,37 @@ class _SpikeWatchHooks:
             loss_z, is_spike = verdict.loss_z, verdict.is_spike
             if is_spike:
                 self._on_flagged(trainer, pl_module, record, verdict, signals, optimizer, stepping)
-        self._settle(record, signals, loss_z, optimizer, is_spike)
+        self._settle(record, signals, loss_z, optimizer, is_spike, self.batches_watched)
 
-    def _settle(self, record: _Batch, signals: StepSignals, loss_z: float, optimizer: Any, is_spike: bool) -> None:
-        """Bookkeeping after the detector's decision: streaks, the trace, batch sizes."""
+    def _settle(
+        self,
+        record: _Batch | _Settled,
+        signals: StepSignals,
+        loss_z: float,
+        optimizer: Any,
+        is_spike: bool,
+        number: int,
+    ) -> None:
+        """Bookkeeping after the detector's decision on the ``number``-th batch: streaks, the trace, batch sizes."""
         if not is_spike:
             self._non_finite_streak = False
         self._last_loss_z = loss_z
         if self._log is not None and self.trace_every:
-            if is_spike or self.batches_watched % self.trace_every == 0:
+            if is_spike or number % self.trace_every == 0:
                 self._trace(record, signals, loss_z, optimizer, is_spike)
         if record.size is not None:
             if self._nominal_batch_size is None:
                 self._sizes[record.size] += 1
             self._previous_batch_size = record.size
 
-    def _trace(self, record: _Batch, signals: StepSignals, loss_z: float, optimizer: Any, is_spike: bool) -> None:
-        changes = self._lr_changes.get(id(optimizer))
-        lr = changes[-1][1][0] if changes and changes[-1][1] else None
+    def _trace(
+        self, record: _Batch | _Settled, signals: StepSignals, loss_z: float, optimizer: Any, is_spike: bool
+    ) -> None:
+        lr = None
+        for at, lrs in reversed(self._lr_changes.get(id(optimizer), ())):  # the rate in force at the row's step
+            if at <= record.step:
+                lr = lrs[0] if lrs else None
+                break
         try:
             self._log.write_step(
                 record.step,
@@ -1229,6 +1309,7 @@ class _SpikeWatchHooks:
     def _log_scalars(self, trainer: Any) -> None:
         if not trainer.loggers or not trainer._logger_connector.should_update_logs:
             return
+        self._catch_up()  # the loss z logged is the latest one
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
         metrics = {"spikewatch/spikes": float(len(self.spikes))}
         if math.isfinite(self._last_loss_z):
@@ -1240,6 +1321,7 @@ class _SpikeWatchHooks:
 
     def summary(self) -> dict[str, Any]:
         """Counts and settings of this run, as written to summary.json."""
+        self._attempt("watch", self._catch_up)
         return {
             "steps_watched": self.steps_watched,
             "batches_watched": self.batches_watched,

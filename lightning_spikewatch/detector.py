@@ -154,6 +154,15 @@ class SpikeDetector:
         self.batches_seen += 1
         return loss_z
 
+    def quiet_bound(self, pushes: int) -> float:
+        """A loss below which ``observe_quietly`` would not flag, now or after up to ``pushes`` more
+        batches: such a loss may be settled with one comparison and observed later, in order, with
+        the same decisions (the loss alone; -inf when nothing is certain, e.g. during warm-up)."""
+        window = self.windows["loss"]
+        if self.watch_grad_norm or len(window) < self.warmup:
+            return -math.inf  # the gradient norm can flag a batch whatever its loss; warm-up ends on its own
+        return window.quiet_bound(pushes, self.z_threshold)
+
     def _grad_norm_spike(self, grad_norm: float | None) -> bool:
         if not self.watch_grad_norm or grad_norm is None or not math.isfinite(grad_norm):
             return False

@@ -150,6 +150,31 @@ class RobustWindow:
         spread = self._mad if self._mad > floor else floor
         return (value - median) / (MAD_TO_SIGMA * spread), median, MAD_TO_SIGMA * spread
 
+    def quiet_bound(self, pushes: int, threshold: float) -> float:
+        """A value below which ``score`` stays under ``threshold``, now and after up to ``pushes``
+        more pushes of any finite values: a caller can then settle such values with one comparison
+        and push them later, getting the same decisions as scoring each one at once.
+
+        A push lowers any order statistic by at most one position and the pop of the oldest value
+        raises it by at most one (whether or not the window is full yet), so after ``pushes`` of
+        them the median lies between two values of today's window, and every distance to it has
+        moved by no more than the median did. The bound puts the median and the MAD at their
+        lowest reachable values; -inf when nothing is certain (too few values for that many
+        pushes, or a window not kept sorted).
+        """
+        values, n = self._sorted, len(self._fifo)
+        low_index, high_index = (n - 1) // 2 - pushes, n // 2 + pushes
+        if not self.keep_sorted or low_index < 0 or high_index >= n:
+            return -math.inf
+        median = median_of_sorted(values)
+        low, high = values[low_index], values[high_index]
+        shift = max(median - low, high - median)  # how far the median can move
+        mad_low = _kth_distance(values, median, bisect_left(values, median), low_index) - shift
+        magnitude = low if low > 0 else (-high if high < 0 else 0.0)  # least |median| reachable
+        spread = max(mad_low, self.min_rel_spread * magnitude, self.min_abs_spread)
+        reach = threshold * MAD_TO_SIGMA * spread
+        return low + reach - 1e-9 * (abs(low) + reach)  # a margin far above rounding error
+
     def values(self) -> list[float]:
         """The stored values, oldest first."""
         return list(self._fifo)

@@ -147,3 +147,58 @@ def test_baseline_window_bounds_the_signals_read_every_few_steps_but_not_the_los
     assert detector.windows["input_rms"].values() == [3.0 + i for i in range(90, 100)]  # the newest kept
     watched = SpikeDetector(window=64, warmup=5, watch_grad_norm=True, baseline_window=10)
     assert watched.windows["grad_norm"].size == 64  # scored every step: a full window
+
+
+def deferred_run(series, every, window=64, threshold=6.0):
+    """The callback's lean protocol: a loss under the quiet bound is settled at once and observed
+    later, in order; any other loss first observes the deferred ones, then is observed itself."""
+    detector, deferred, bound = SpikeDetector(window=window, z_threshold=threshold), [], None
+    zscores, spikes, settled_early = [], [], 0
+
+    def catch_up():
+        nonlocal bound
+        for loss in deferred:
+            z = detector.observe_quietly(loss, None, None)
+            assert z is not None  # the bound promised it was quiet
+            zscores.append(z)
+        deferred.clear()
+        bound = None
+
+    for i, loss in enumerate(map(float, series)):
+        if bound is None:
+            bound = detector.quiet_bound(every)
+        if i % every and len(deferred) < every and -math.inf < loss < bound:
+            deferred.append(loss)
+            settled_early += 1
+            continue
+        catch_up()
+        verdict = detector.observe(StepSignals(loss))
+        zscores.append(verdict.loss_z)
+        if verdict.is_spike:
+            spikes.append(i)
+    catch_up()
+    return spikes, zscores, settled_early
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_settling_quiet_losses_early_changes_no_decision_and_no_score(seed):
+    rng = np.random.default_rng(seed)
+    series = 2.0 * np.exp(-np.arange(3000) / 1500) + 0.1 * rng.standard_normal(3000)  # falling, noisy
+    series[1800] = math.nan
+    plain, verdicts = SpikeDetector(window=64), []
+    for i in range(len(series)):
+        if i in (400, 1201, 2500):  # planted just over the threshold: the hardest case for the bound
+            _, median, spread = plain.windows["loss"].score(0.0)
+            series[i] = median + 6.0 * spread * (1 + 1e-6)
+        verdicts.append(plain.observe(StepSignals(float(series[i]))))
+    spikes, zscores, settled_early = deferred_run(series, every=8)
+    assert spikes == [i for i, v in enumerate(verdicts) if v.is_spike] == [400, 1201, 1800, 2500]
+    np.testing.assert_array_equal(zscores, [v.loss_z for v in verdicts])  # the same z, bit for bit
+    assert settled_early > 0.8 * 3000 * 7 / 8  # and most quiet steps were settled with one comparison
+
+
+def test_no_quiet_bound_while_the_gradient_norm_is_watched():
+    detector = SpikeDetector(window=16, watch_grad_norm=True)
+    for i in range(40):
+        detector.observe(StepSignals(1.0 + 0.01 * (i % 5), 2.0))
+    assert detector.quiet_bound(4) == -math.inf

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lightning_spikewatch.stats import MAD_TO_SIGMA, RobustWindow, mad_of_sorted, median_of_sorted, robust_z
@@ -65,3 +65,48 @@ def test_state_round_trip():
     clone = RobustWindow(8)
     clone.load_state_dict(window.state_dict())
     assert clone.values() == window.values() and clone.mad() == window.mad()
+
+
+clustered = st.one_of(finite, st.integers(0, 4).map(lambda k: 10.0 * k))  # ties move medians in jumps
+
+
+@settings(max_examples=800, deadline=None)
+@example([0.0] * 4 + [5.0] + [10.0] * 4, [10.0], 1, 6.0, 0.02, 0)  # one push moves the median from 5 to 10
+@example([0.0] * 4 + [10.0] * 4, [10.0] * 3, 3, 6.0, 0.02, 2)  # pushes that grow the window, then pop
+@example([-10.0] * 3 + [3.9, 4.0] + [20.0] * 4, [20.0], 1, 6.0, 0.02, 0)  # the median jumps up across a gap
+@given(
+    st.lists(clustered, min_size=8, max_size=40),
+    st.lists(clustered, max_size=10),
+    st.integers(0, 10),
+    st.floats(0.5, 10.0),
+    st.floats(0.0, 0.5),
+    st.integers(0, 6),
+)
+def test_values_below_the_quiet_bound_score_quietly_after_any_pushes(history, pushes, allowed, threshold, rel, room):
+    """The bound holds for every window reachable with up to ``allowed`` pushes of any values,
+    full or still filling (``room`` more values fit before the oldest is popped)."""
+    window = RobustWindow(len(history) + room, min_rel_spread=rel)
+    window.extend(history)
+    bound = window.quiet_bound(allowed, threshold)
+    if bound == -math.inf:
+        return
+    for value in pushes[:allowed] + [None]:
+        # Exact MAD and the cached one (the detector's path) both stay under the threshold.
+        assert window.zscore(bound) < threshold
+        assert window.score(bound, threshold)[0] < threshold
+        if value is not None:
+            window.push(value)
+
+
+def test_quiet_bound_lets_ordinary_noise_through_once_the_window_has_enough_values():
+    rng = np.random.default_rng(0)
+    noisy = (2.0 + 0.1 * rng.standard_normal(128)).tolist()
+    window = RobustWindow(128, min_rel_spread=0.02)
+    window.extend(noisy[:12])
+    assert window.quiet_bound(8, 6.0) == -math.inf  # too few values for eight pushes: nothing is certain
+    window.extend(noisy[12:64])
+    assert max(noisy[:64]) < window.quiet_bound(8, 6.0)  # still filling: a bound already
+    window.extend(noisy[64:])
+    bound = window.quiet_bound(8, 6.0)
+    assert max(noisy) < bound < window.median() + 6.0 * window.score(2.0)[2]
+    assert window.quiet_bound(70, 6.0) == -math.inf  # more pushes than half the window: no bound

@@ -240,14 +240,16 @@ def test_inf_loss_is_non_finite(tmp_path):
 
 
 # Step 40 is one whose gradients are read on the CPU (every 8th); at step 43 they are not, and the NaN
-# gradient is found from that step's gradients, kept by reference, when the next loss is NaN.
+# gradient is found from that step's gradients, kept by reference, when the next loss is NaN. At 203
+# the loss window is full and that step's finite loss was settled by the quiet bound.
 @pytest.mark.parametrize("baseline_every", [None, 1], ids=["cpu_default", "every_step"])
-@pytest.mark.parametrize("step", [40, 43])
+@pytest.mark.parametrize("step", [40, 43, 203])
 def test_nan_gradient_with_a_finite_loss_is_non_finite(tmp_path, step, baseline_every):
     w = watch(tmp_path, baseline_every=baseline_every)
     model = seeded(TinyNet, grad_blowup=(step, "net.3.weight", float("nan")))
-    trainer = fit(model, regression_data(), [w])
-    assert trainer.global_step == 60
+    batches = 60 if step < 60 else 240
+    trainer = fit(model, regression_data(n=BATCH * batches), [w])
+    assert trainer.global_step == batches
     first = w.spikes[0]
     assert (first.step, first.batch_idx, first.cause) == (step, step, "non_finite")
     assert first.evidence["non_finite"] == ["grad_norm"]

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
+import torch
 
 from lightning_spikewatch import SpikeWatch
 from tests.e2e.tiny import BATCH, TinyNet, fit, loader, position, regression_data, seeded
@@ -99,3 +101,50 @@ def test_the_step_before_a_spike_is_read_from_its_kept_gradients(tmp_path):
     blown = snapshot["names"].index("net.3.weight")
     before = snapshot["norms"][-3]  # the last row read before the blow-up
     assert snapshot["norms"][-2][blown] > 100 * before[blown]
+
+
+class CountingSettled(SpikeWatch):
+    """Counts the quiet steps settled by the detector's quiet bound and observed later."""
+
+    settled_total = 0
+
+    def _catch_up(self):
+        self.settled_total += len(self._settled)
+        super()._catch_up()
+
+
+def test_quiet_steps_settled_by_the_bound_leave_spikes_and_trace_exactly_as_scoring_each_step(tmp_path):
+    data = regression_data(n=BATCH * 400)  # past the 128-batch window, where the bound applies
+    data.y[position(251)] += 30.0
+    data.y[position(333)] -= 30.0
+    rows = slice(position(290, 0), position(291, 0))
+    data.x[rows] = data.x[rows] / 1e-4
+    runs, traces = {}, {}
+    for every in (None, 1):  # baseline_every=1 takes the general path on every step: nothing settled early
+        w = CountingSettled(log_dir=tmp_path / str(every), print_spikes=False, print_summary=False, baseline_every=every)
+        fit(seeded(TinyNet), data, [w])
+        runs[every] = w
+        with (tmp_path / str(every) / "steps.csv").open() as f:
+            traces[every] = [(r["step"], r["loss"], r["loss_z"], r["lr"], r["spike"]) for r in csv.DictReader(f)]
+    assert runs[None].settled_total > 200 and runs[1].settled_total == 0
+    assert {(251, "outlier_sample"), (290, "input_scale"), (333, "outlier_sample")} <= {
+        (batch, cause) for _, batch, cause in found(runs[1])
+    }
+    assert found(runs[None]) == found(runs[1])
+    assert len(traces[None]) == 400 and traces[None] == traces[1]  # loss z written later, yet the same
+
+
+def test_steps_settled_late_are_traced_with_the_learning_rate_of_their_own_step(tmp_path):
+    class Decaying(TinyNet):
+        def configure_optimizers(self):
+            optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.999**step)  # a new rate each step
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    w = CountingSettled(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    fit(seeded(Decaying), regression_data(n=BATCH * 300), [w])
+    assert w.settled_total > 100
+    with (tmp_path / "steps.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    expected = [1e-3 * 0.999 ** int(r["step"]) for r in rows]  # one step off would be 0.1% off
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-6)
