@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -528,7 +529,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)  # whole table rows in a log file
     results = []
     for name in args.workloads.split(","):
         workload = WORKLOADS[name]

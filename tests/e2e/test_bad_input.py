@@ -241,7 +241,7 @@ def test_inf_loss_is_non_finite(tmp_path):
 
 # Step 40 is one whose gradients are read on the CPU (every 8th); at step 43 they are not, and the NaN
 # gradient is found from that step's gradients, kept by reference, when the next loss is NaN. At 203
-# the loss window is full and that step's finite loss was settled by the quiet bound.
+# the 128-batch loss window is full.
 @pytest.mark.parametrize("baseline_every", [None, 1], ids=["cpu_default", "every_step"])
 @pytest.mark.parametrize("step", [40, 43, 203])
 def test_nan_gradient_with_a_finite_loss_is_non_finite(tmp_path, step, baseline_every):

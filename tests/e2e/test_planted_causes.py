@@ -55,8 +55,8 @@ def test_confident_wrong_label_with_log_of_probabilities_is_log_zero(tmp_path):
     assert event.evidence["samples"][0]["loss"] >= 13.8
 
 
-# Inputs are read for their baseline at step 40, not at 43; at 203 the loss window is full and the
-# quiet steps before it were settled by the detector's quiet bound (scored later, in order).
+# Inputs are read for their baseline at step 40, not at 43; at 203 the 128-batch loss window is
+# full, so each loss settled by the quiet bound also pushes an old one out.
 @pytest.mark.parametrize("batch", [40, 43, 203])
 def test_batch_normalised_with_near_zero_std_is_input_scale(tmp_path, batch):
     data = regression_data(n=BATCH * (60 if batch < 60 else 240))
@@ -93,8 +93,8 @@ def test_collapsed_adam_second_moment_is_named_with_its_layer(tmp_path):
 
 
 # On the CPU gradients are read every 8th step (40 is one, 43 is not; the step before a spike is then
-# read from its gradients, kept by reference; at 203 that step was also settled by the quiet bound);
-# baseline_every=1 reads every step, as on accelerators.
+# read from its gradients, kept by reference; at 203 the loss window is full); baseline_every=1 reads
+# every step, as on accelerators.
 @pytest.mark.parametrize("baseline_every", [None, 1], ids=["cpu_default", "every_step"])
 @pytest.mark.parametrize("step", [40, 43, 203])
 def test_one_layer_gradient_blowup_is_layer_gradient(tmp_path, step, baseline_every):

@@ -114,7 +114,7 @@ class CountingSettled(SpikeWatch):
 
 
 def test_quiet_steps_settled_by_the_bound_leave_spikes_and_trace_exactly_as_scoring_each_step(tmp_path):
-    data = regression_data(n=BATCH * 400)  # past the 128-batch window, where the bound applies
+    data = regression_data(n=BATCH * 400)  # a long run: the window fills, and the bound applies throughout
     data.y[position(251)] += 30.0
     data.y[position(333)] -= 30.0
     rows = slice(position(290, 0), position(291, 0))
