@@ -450,7 +450,7 @@ def spike_cost(workload: Workload, accelerator: str, console: Console) -> dict:
 
 PARTS = {  # where SpikeWatch's per-step time goes; indented names run inside the hook above them
     "on_train_batch_start": "hook: keep the batch by reference",
-    "on_before_backward": "hook: keep the loss (detached)",
+    "on_before_backward": "hook: keep the loss",
     "on_before_optimizer_step": "hook: the step's work",
     "_quiet_step": "  quiet step: loss to host, score, bookkeeping, gradients kept",
     "_evaluate": "  general path: warm-up, every n-th step, spikes",
