@@ -547,10 +547,19 @@ class _SpikeWatchHooks:
         record.epoch = self._epoch
         record.inputs = input_tensors(record.batch, self.target_keys)
         record.input_numel = sum(t.numel() for t in record.inputs)
+        record.size = self._size_of(record.batch, record.inputs)
+
+    def _size_of(self, batch: Any, inputs: list[torch.Tensor] | None = None) -> int | None:
+        """The batch size: ``batch_size_fn`` when given, else dim 0 of the first input tensor, as
+        Lightning does; for the usual ``(x, y)`` batch without listing its inputs."""
         if self.batch_size_fn is not None:
-            record.size = self.batch_size_fn(record.batch)
-        else:
-            record.size = batch_size_of(record.inputs) or batch_size_of(tensor_leaves(record.batch))
+            return self.batch_size_fn(batch)
+        if inputs is None:
+            if type(batch) in (tuple, list) and batch and type(batch[0]) is torch.Tensor:
+                first = batch[0]
+                return first.shape[0] if first.ndim and first.numel() else None
+            inputs = input_tensors(batch, self.target_keys)
+        return batch_size_of(inputs) or batch_size_of(tensor_leaves(batch))
 
     @_safely("watch")
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
@@ -804,15 +813,6 @@ class _SpikeWatchHooks:
         else:
             self._held_lookback = None
         return True
-
-    def _size_of(self, batch: Any) -> int | None:
-        """The batch size; for the usual ``(x, y)`` batch from its first tensor, without listing its inputs."""
-        if self.batch_size_fn is None and type(batch) in (tuple, list) and batch and type(batch[0]) is torch.Tensor:
-            first = batch[0]
-            return first.shape[0] if first.ndim and first.numel() else None
-        record = _Batch(batch, 0)
-        self._read_batch(None, record)
-        return record.size
 
     def _catch_up(self) -> None:
         """Observe the steps settled by the quiet bound, in order: the detector's windows, the
