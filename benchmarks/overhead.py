@@ -513,7 +513,9 @@ def part_costs(workload: Workload, accelerator: str, skip: int, console: Console
             "us_per_call_median": statistics.median(calls) / 1e3 if calls else 0.0,
         }
         row = rows[name]
-        table.add_row(label, f"{row['us_per_step']:.1f}", f"{row['calls_per_step']:.3f}", f"{row['us_per_call_median']:.1f}")
+        table.add_row(
+            label, f"{row['us_per_step']:.1f}", f"{row['calls_per_step']:.3f}", f"{row['us_per_call_median']:.1f}"
+        )
     console.print(table)
     return rows
 
@@ -548,7 +550,8 @@ def main() -> None:
     }
     if args.parts:
         report["parts"] = {
-            name: part_costs(WORKLOADS[name], args.accelerator, args.skip, console) for name in args.workloads.split(",")
+            name: part_costs(WORKLOADS[name], args.accelerator, args.skip, console)
+            for name in args.workloads.split(",")
         }
     if args.scaling:
         report["scaling"] = scaling_check(WORKLOADS[args.workloads.split(",")[0]], args.accelerator, args.skip, console)

@@ -121,7 +121,9 @@ def test_quiet_steps_settled_by_the_bound_leave_spikes_and_trace_exactly_as_scor
     data.x[rows] = data.x[rows] / 1e-4
     runs, traces = {}, {}
     for every in (None, 1):  # baseline_every=1 takes the general path on every step: nothing settled early
-        w = CountingSettled(log_dir=tmp_path / str(every), print_spikes=False, print_summary=False, baseline_every=every)
+        w = CountingSettled(
+            log_dir=tmp_path / str(every), print_spikes=False, print_summary=False, baseline_every=every
+        )
         fit(seeded(TinyNet), data, [w])
         runs[every] = w
         with (tmp_path / str(every) / "steps.csv").open() as f:
