@@ -827,12 +827,8 @@ class _SpikeWatchHooks:
         else:
             (batch, batch_idx, step), size, loss, grads = held
             self._lookback = _Lookback(_Batch(batch, batch_idx, step, self._epoch, size), loss, grads, None)
-        for row in settled:
-            signals = StepSignals(row.loss)
-            loss_z = self.detector.observe_quietly(row.loss, None, None)
-            if loss_z is None:  # ruled out by the bound; observed in full all the same, to keep the windows in step
-                loss_z = self.detector.observe(signals).loss_z
-            self._settle(row, signals, loss_z, row.optimizer, False, row.number)
+        for row, loss_z in zip(settled, self.detector.observe_settled([row.loss for row in settled])):
+            self._settle(row, StepSignals(row.loss), loss_z, row.optimizer, False, row.number)
 
     def _reads_everything(self, trainer: Any) -> bool:
         """Whether this step reads gradient and input norms whatever its loss."""

@@ -154,6 +154,17 @@ class SpikeDetector:
         self.batches_seen += 1
         return loss_z
 
+    def observe_settled(self, losses: list[float]) -> list[float]:
+        """Observe, in order, losses already known to be quiet (each under ``quiet_bound`` when it
+        was settled); their robust z, exactly as ``observe_quietly`` would have given one by one."""
+        window, threshold = self.windows["loss"], self.z_threshold
+        zscores = []
+        for loss in losses:
+            zscores.append(window.score(loss, threshold)[0])
+            window.push(loss)
+        self.batches_seen += len(losses)
+        return zscores
+
     def quiet_bound(self, pushes: int) -> float:
         """A loss below which ``observe_quietly`` would not flag, now or after up to ``pushes`` more
         batches: such a loss may be settled with one comparison and observed later, in order, with
