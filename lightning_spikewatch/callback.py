@@ -4,11 +4,11 @@ Per step it moves the loss to the host (the one transfer) and scores it. The gra
 norms (one fused norm, riding the same transfer) are read on every step on accelerators, where that
 costs one kernel launch; on the CPU, where it costs more than everything else together, they are
 read every ``baseline_every``-th step for their baselines, on every spike, and for the step before
-a spike from that step's gradients, kept by reference. Between those reads a loss below the
-detector's quiet bound (which no loss under it can cross in so few steps) is settled by that one
-comparison and scored at the next read, in order, with the same result. Everything costly (Adam
-state, replay, class counts) happens only when the detector has flagged a spike. Every run-time
-failure is caught, reported once, and switches off only the part that failed.
+a spike from that step's gradients, kept by reference. Between those reads, a loss under the
+detector's quiet bound (the lowest spike threshold the next few steps can reach) cannot be a spike:
+it is settled by that one comparison and scored at the next read, in order, with the same result.
+Everything costly (Adam state, replay, class counts) happens only when the detector has flagged a
+spike. Every run-time failure is caught, reported once, and switches off only the part that failed.
 """
 
 from __future__ import annotations
@@ -584,7 +584,7 @@ class _SpikeWatchHooks:
                     return
             batch, batch_idx, step = self._held
             self._records = [_Batch(batch, batch_idx, step, loss=loss.detach(), host_loss=host_loss)]
-        self._catch_up()
+            self._catch_up()  # the settled steps come first, in order
         self._record_lr(trainer.global_step, optimizer)
         if self._manual:
             # The detector runs at batch end, when the loss is known; one gradient read per batch.
