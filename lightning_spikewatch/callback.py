@@ -23,8 +23,9 @@ import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import count
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from rich import get_console
@@ -64,6 +65,12 @@ LR_LOOKBACK = 8  # steps back in which a learning-rate jump can explain a spike
 LAYER_SNAPSHOT_ROWS = 32  # steps of per-layer gradient norms written to layers.jsonl per spike
 CPU_BASELINE_EVERY = 8  # on the CPU, read gradient and input norms every n-th step between spikes
 _GRAD_OF = operator.attrgetter("grad")  # a C-level getter: the quiet step keeps every gradient by reference
+_NEG_INF = -math.inf
+# Lightning calls every per-step hook on every callback, each call inside a profiler context with a
+# formatted name: about as costly as SpikeWatch's whole quiet step. It skips a hook that is not
+# callable (`_call_callback_hooks`: `if callable(fn)`, since Lightning 1.6), so during fit the hooks
+# with nothing to do are set to None on the instance, and restored when fit ends.
+_UNUSED_STEP_HOOKS = ("on_before_zero_grad", "on_after_backward")
 
 
 @dataclass(slots=True)
@@ -96,16 +103,11 @@ class _StepNumbers:
     amp_scaled: bool  # an fp16 GradScaler was active
 
 
-class _Settled(NamedTuple):
-    """A quiet step settled by one comparison with the detector's quiet bound, observed later in order."""
-
-    step: int
-    epoch: int
-    batch_idx: int
-    size: int | None
-    loss: float
-    number: int  # batches watched up to and including this one (for ``trace_every``)
-    optimizer: Any
+# A quiet step settled by one comparison with the detector's quiet bound, observed later in order:
+# (step, batch_idx, batch size or None, loss, learning rate of the first param group or NaN). A plain
+# tuple, as it is made on every quiet step; the epoch is the current one (settled steps are caught up
+# at every epoch end) and the batch number follows from the order.
+_Settled = tuple[int, int, "int | None", float, float]
 
 
 @dataclass(slots=True)
@@ -355,12 +357,18 @@ class _SpikeWatchHooks:
         self._layer_steps: deque[int] = deque(maxlen=self._baseline_rows())
         self._lookback: _Lookback | None = None
         self._lean = False
-        self._held: tuple[Any, int, int] | None = None  # lean path: this step's batch, batch_idx, step
+        self._step_counter: Any = None  # lean path: Lightning's count of optimizer steps (trainer.global_step)
+        self._reports_to_loggers = False
+        self._held_batch: Any = None  # lean path: this step's batch and its index, by reference
+        self._held_idx = 0
         self._held_loss: torch.Tensor | None = None  # lean path: this step's loss, as passed to backward
         self._held_lookback: tuple | None = None  # lean path: the last settled step's batch and gradients
         self._settled: list[_Settled] = []  # quiet steps not yet observed by the detector
-        self._quiet_below: float | None = None  # the detector's quiet bound; None: to be computed
+        self._quiet_left = 0  # lean path: steps that may still be settled before the next general step
+        self._quiet_below = _NEG_INF  # the detector's quiet bound for those steps
         self._lr_changes: dict[int, deque[tuple[int, list[float]]]] = {}
+        self._lr_seen = math.nan  # the learning rate of a single float param group, as last recorded
+        self._trace_lr = math.nan  # the first param group's rate, as last recorded (NaN: not known)
         self._records: list[_Batch] = []
         self._pending: list[_PendingSpike] = []
         self._sizes: Counter[int] = Counter()
@@ -395,6 +403,9 @@ class _SpikeWatchHooks:
         if part in self._disabled:
             return
         self._disabled.add(part)
+        if part in ("watch", "grad_norms"):  # the lean hooks test these flags, not the set
+            self._lean = self._lean and part != "watch"
+            self._looks_back = self._looks_back and part != "grad_norms"
         warnings.warn(
             f"SpikeWatch: its {part!r} part failed ({type(err).__name__}: {err}) and is switched off for the rest of "
             "this run; training continues unaffected. Please report this message.",
@@ -526,16 +537,39 @@ class _SpikeWatchHooks:
             and self._grads is not None
             and self._loss_scale(trainer) is None
         )
+        self._step_counter = _optimizer_step_counter(trainer) if self._lean else None
+        self._lean = self._step_counter is not None
+        self._reports_to_loggers = bool(trainer.loggers) and trainer.is_global_zero
+        self._skip_hooks(*_UNUSED_STEP_HOOKS)
+        self._skip_batch_end_if_idle()
+
+    def _skip_hooks(self, *names: str) -> None:
+        """Have Lightning skip these hooks for the rest of fit (unless a subclass overrides them)."""
+        for name in names:
+            if getattr(type(self), name) is getattr(_SpikeWatchHooks, name, getattr(_CALLBACK_BASES[0], name)):
+                setattr(self, name, None)
+
+    def _skip_batch_end_if_idle(self) -> None:
+        """On the lean path with no logger, batch end has work only while a spike waits for its outputs."""
+        if self._lean and not self._pending and not self._reports_to_loggers:
+            self._skip_hooks("on_train_batch_end")
+
+    def _restore_hooks(self) -> None:
+        for name in (*_UNUSED_STEP_HOOKS, "on_train_batch_end"):
+            self.__dict__.pop(name, None)
 
     @_safely("watch")
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._epoch = trainer.current_epoch
 
-    @_safely("watch")
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._lean:  # references only; a record is made if the step turns out not to be quiet
-            self._held, self._held_loss = (batch, batch_idx, trainer.global_step), None
+        if self._lean:  # references only (nothing here can fail); a record is made if the step is not quiet
+            self._held_batch, self._held_idx, self._held_loss = batch, batch_idx, None
             return
+        self._start_batch(trainer, batch, batch_idx)
+
+    @_safely("watch")
+    def _start_batch(self, trainer: Any, batch: Any, batch_idx: int) -> None:
         records = self._records
         # Batches that never reach an optimizer step (training_step returned None) must not pile up.
         if len(records) >= self._accumulate:
@@ -561,30 +595,55 @@ class _SpikeWatchHooks:
             inputs = input_tensors(batch, self.target_keys)
         return batch_size_of(inputs) or batch_size_of(tensor_leaves(batch))
 
-    @_safely("watch")
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         if self._lean:
             if self._held_loss is None:  # the first backward of the step (a closure may run several)
                 self._held_loss = loss  # dropped at this step's optimizer step: no graph is held longer
             return
+        self._keep_loss(loss)
+
+    @_safely("watch")
+    def _keep_loss(self, loss: torch.Tensor) -> None:
         if self._records and self._records[-1].loss is None:
             # Kept as is (detached in the one stack later): scaled under fp16, divided under accumulation.
             self._records[-1].loss = loss.detach()
 
-    @_safely("watch")
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if self._lean:
-            loss, self._held_loss = self._held_loss, None
-            if loss is None or self._held is None:
-                return  # nothing held: the step was seen already (a closure run again) or had no backward
-            watched, host_loss = self.steps_watched, None
-            if watched >= self.warmup and watched % self._every:  # no read due: the loss may settle it
+        if not self._lean:
+            self._optimizer_step(trainer, pl_module, optimizer)
+            return
+        loss, self._held_loss = self._held_loss, None
+        if loss is None:
+            return  # nothing held: the step was seen already (a closure run again) or had no backward
+        host_loss = None
+        if self._quiet_left:  # no read due: the loss alone may settle the step
+            try:
                 host_loss = loss.item()  # the one device-to-host transfer
-                if self._quiet_step(host_loss, optimizer):
+                if _NEG_INF < host_loss < self._quiet_below:
+                    self._settle_quietly(host_loss, optimizer)
                     return
-            batch, batch_idx, step = self._held
-            self._records = [_Batch(batch, batch_idx, step, loss=loss.detach(), host_loss=host_loss)]
-            self._catch_up()  # the settled steps come first, in order
+            except Exception as err:  # noqa: BLE001 - as _safely: the run goes on, watching stops
+                self._disable("watch", err)
+                return
+        self._lean_general_step(trainer, pl_module, optimizer, loss, host_loss)
+
+    @_safely("watch")
+    def _lean_general_step(
+        self, trainer: Any, pl_module: Any, optimizer: Any, loss: torch.Tensor, host_loss: float | None
+    ) -> None:
+        """A lean-path step that the quiet bound did not settle: scored (and read) as any other."""
+        step = self._step_counter.completed
+        self._records = [_Batch(self._held_batch, self._held_idx, step, loss=loss.detach(), host_loss=host_loss)]
+        self._catch_up()  # the settled steps come first, in order
+        self._evaluate_step(trainer, pl_module, optimizer)
+        self._plan_quiet_steps()
+
+    @_safely("watch")
+    def _optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self._evaluate_step(trainer, pl_module, optimizer)
+
+    def _evaluate_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """The optimizer step's work on the general path: learning rate, scoring, reading, actions."""
         self._record_lr(trainer.global_step, optimizer)
         if self._manual:
             # The detector runs at batch end, when the loss is known; one gradient read per batch.
@@ -605,8 +664,12 @@ class _SpikeWatchHooks:
             ):
                 self._attempt("action", self._act, trainer, optimizer, records)
 
-    @_safely("watch")
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._end_batch(trainer, pl_module, outputs, batch)
+        self._skip_batch_end_if_idle()
+
+    @_safely("watch")
+    def _end_batch(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any) -> None:
         waiting = self._records or self._pending  # batches that per-sample losses could belong to
         if waiting and (type(outputs) is dict or isinstance(outputs, Mapping)) and "per_sample_loss" in outputs:
             per_sample = outputs["per_sample_loss"]
@@ -677,6 +740,9 @@ class _SpikeWatchHooks:
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._finish(trainer)
 
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._restore_hooks()  # after fit (also a failed one) every hook is the class's again
+
     # ------------------------------------------------------------------ per step
 
     def _record_lr(self, step: int, optimizer: Any) -> None:
@@ -696,6 +762,9 @@ class _SpikeWatchHooks:
             changes = self._lr_changes[id(optimizer)] = deque(maxlen=LR_LOOKBACK + 2)
         if not changes or changes[-1][1] != lrs:
             changes.append((step, [float(lr) for lr in lrs]))
+        # What the quiet step compares with (NaN: always call here) and writes in its trace row.
+        self._lr_seen = lrs[0] if len(lrs) == 1 and type(groups[0]["lr"]) is float else math.nan
+        self._trace_lr = changes[-1][1][0] if changes[-1][1] else math.nan
 
     def _lr_history(self, optimizer: Any, step: int) -> list[list[float]]:
         """Per param group, the learning rate of each of the last steps up to ``step``, oldest first."""
@@ -787,48 +856,62 @@ class _SpikeWatchHooks:
             grads, positions = self._grads.grads()  # references: no device work unless the next step spikes
             self._lookback = _Lookback(records[-1], losses[-1], grads, positions)
 
-    def _quiet_step(self, loss: float, optimizer: Any) -> bool:
+    def _settle_quietly(self, loss: float, optimizer: Any) -> None:
         """The usual step, kept to one comparison: a loss under the detector's quiet bound cannot
         be a spike, whatever the few losses before it, so it is settled now and observed (scored,
-        traced) at the next general step, in order, with the same result.
-
-        Returns False, having changed nothing, for any other loss; the general path then decides it.
-        """
-        below = self._quiet_below
-        settled, most = self._settled, self._every - 1  # a general step comes at least every n-th step
-        if below is None:  # the last of ``most`` settled losses is scored after ``most - 1`` pushes
-            below = self._quiet_below = self.detector.quiet_bound(most - 1)
-        if not -math.inf < loss < below or len(settled) >= most:
-            return False
-        batch, batch_idx, step = self._held
-        self._record_lr(step, optimizer)
+        traced) at the next general step, in order, with the same result. Only what cannot be
+        found later is read here: the step, the batch size, a change of learning rate."""
+        step, batch, batch_idx = self._step_counter.completed, self._held_batch, self._held_idx
+        groups = optimizer.param_groups
+        if len(groups) != 1 or groups[0]["lr"] != self._lr_seen:
+            self._record_lr(step, optimizer)
         size = self._size_of(batch)
         self.steps_watched += 1
         self.batches_watched += 1
-        self._step_grad_norm = None
-        settled.append(_Settled(step, self._epoch, batch_idx, size, loss, self.batches_watched, optimizer))
-        if self._looks_back and "grad_norms" not in self._disabled:
-            # References only: read if the next step spikes; the batch is kept for its evidence.
-            self._held_lookback = (self._held, size, loss, list(map(_GRAD_OF, self._grads.params)))
-        else:
-            self._held_lookback = None
-        return True
+        self._quiet_left -= 1
+        self._settled.append((step, batch_idx, size, loss, self._trace_lr))
+        if self._looks_back:  # references only: read if the next step spikes; the batch for its evidence
+            self._held_lookback = (batch, batch_idx, step, size, loss, list(map(_GRAD_OF, self._grads.params)))
+
+    def _plan_quiet_steps(self) -> None:
+        """After a general step: how many of the next steps the quiet bound may settle (those before
+        the next gradient read, once warmed up), and the bound that holds for all of them."""
+        watched = self.steps_watched
+        left = -watched % self._every if watched >= self.warmup else 0
+        self._quiet_left = left
+        # The last of them is scored after ``left - 1`` pushes of the ones before it.
+        self._quiet_below = self.detector.quiet_bound(left - 1) if left else _NEG_INF
 
     def _catch_up(self) -> None:
         """Observe the steps settled by the quiet bound, in order: the detector's windows, the
         trace and the batch sizes are then as if each had been scored at once."""
-        self._quiet_below = None  # the windows move: the bound is computed again when next needed
         if not self._settled:
             return
+        self._quiet_below = _NEG_INF  # the windows move: no step settles until the bound is planned again
         settled, self._settled = self._settled, []
         held, self._held_lookback = self._held_lookback, None  # the last settled step: the one before this
         if held is None:
             self._lookback = None
         else:
-            (batch, batch_idx, step), size, loss, grads = held
+            batch, batch_idx, step, size, loss, grads = held
             self._lookback = _Lookback(_Batch(batch, batch_idx, step, self._epoch, size), loss, grads, None)
-        for row, loss_z in zip(settled, self.detector.observe_settled([row.loss for row in settled])):
-            self._settle(row, StepSignals(row.loss), loss_z, row.optimizer, False, row.number)
+        zscores = self.detector.observe_settled([row[3] for row in settled])
+        self._non_finite_streak = False
+        self._last_loss_z = zscores[-1]
+        self._step_grad_norm = None
+        if self._log is not None and self.trace_every:
+            first, every, epoch, nan = self.batches_watched - len(settled) + 1, self.trace_every, self._epoch, math.nan
+            rows = [
+                (step, epoch, batch_idx, loss, loss_z, nan, nan, -1 if size is None else size, lr, False)
+                for number, (step, batch_idx, size, loss, lr), loss_z in zip(count(first), settled, zscores)
+                if number % every == 0
+            ]
+            self._attempt_trace(self._log.write_steps, rows)
+        sizes = [row[2] for row in settled if row[2] is not None]
+        if sizes:
+            if self._nominal_batch_size is None:
+                self._sizes.update(sizes)
+            self._previous_batch_size = sizes[-1]
 
     def _reads_everything(self, trainer: Any) -> bool:
         """Whether this step reads gradient and input norms whatever its loss."""
@@ -939,7 +1022,7 @@ class _SpikeWatchHooks:
 
     def _settle(
         self,
-        record: _Batch | _Settled,
+        record: _Batch,
         signals: StepSignals,
         loss_z: float,
         optimizer: Any,
@@ -959,26 +1042,19 @@ class _SpikeWatchHooks:
             self._previous_batch_size = record.size
 
     def _trace(
-        self, record: _Batch | _Settled, signals: StepSignals, loss_z: float, optimizer: Any, is_spike: bool
+        self, record: _Batch, signals: StepSignals, loss_z: float, optimizer: Any, is_spike: bool
     ) -> None:
         lr = None
         for at, lrs in reversed(self._lr_changes.get(id(optimizer), ())):  # the rate in force at the row's step
             if at <= record.step:
                 lr = lrs[0] if lrs else None
                 break
+        row = (record.step, record.epoch, record.batch_idx, signals.loss, loss_z, signals.grad_norm)
+        self._attempt_trace(self._log.write_step, *row, signals.input_rms, record.size, lr, is_spike)
+
+    def _attempt_trace(self, write: Callable, *args: Any) -> None:
         try:
-            self._log.write_step(
-                record.step,
-                record.epoch,
-                record.batch_idx,
-                signals.loss,
-                loss_z,
-                signals.grad_norm,
-                signals.input_rms,
-                record.size,
-                lr,
-                is_spike,
-            )
+            write(*args)
         except Exception as err:  # noqa: BLE001 - a full disk stops the files, not the run
             self._disable("export", err)
             self._log = None
@@ -1201,6 +1277,7 @@ class _SpikeWatchHooks:
             f"non_finite:{name}" for name in verdict.non_finite if name not in verdict.outliers
         ]
         self._pending.append(_PendingSpike(record, context, signals, self._layer_snapshot(context, record.step)))
+        self.__dict__.pop("on_train_batch_end", None)  # the event is completed there, with the step's outputs
 
     def _layer_snapshot(
         self, context: SpikeContext, step: int, rows: int = LAYER_SNAPSHOT_ROWS
@@ -1400,6 +1477,17 @@ class _SpikeWatchHooks:
 SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
 
 
+def _optimizer_step_counter(trainer: Any) -> Any:
+    """The progress record whose ``completed`` is ``trainer.global_step`` under automatic
+    optimization, so the quiet step reads one attribute instead of a chain of properties; None
+    where this Lightning version keeps it elsewhere (the lean path is then not taken)."""
+    try:
+        counter = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
+        return counter if counter.completed == trainer.global_step else None
+    except AttributeError:
+        return None
+
+
 def sharded_reason(trainer: Any, pl_module: Any) -> str | None:
     """Why gradients and optimizer state are sharded across ranks in this run, or None."""
     name = type(trainer.strategy).__name__
@@ -1468,5 +1556,8 @@ def _callback_bases() -> tuple[type, ...]:
     return tuple(bases)
 
 
-class SpikeWatch(_SpikeWatchHooks, *_callback_bases()):
+_CALLBACK_BASES = _callback_bases()
+
+
+class SpikeWatch(_SpikeWatchHooks, *_CALLBACK_BASES):
     __doc__ = _SpikeWatchHooks.__doc__

@@ -99,23 +99,30 @@ class SpikeLog:
         Runs every step, so it is one C-level format and one buffered write; a value that was not
         read is written as ``nan`` (a missing batch size as ``-1``).
         """
+        nan = math.nan
+        self.write_steps(
+            [
+                (
+                    step,
+                    epoch,
+                    batch_idx,
+                    loss,
+                    loss_z,
+                    nan if grad_norm is None else grad_norm,
+                    nan if input_rms is None else input_rms,
+                    -1 if batch_size is None else batch_size,
+                    nan if lr is None else lr,
+                    spike,
+                )
+            ]
+        )
+
+    def write_steps(self, rows: list[tuple]) -> None:
+        """Buffer trace rows given in column order, with NaN for a value not read and -1 for a
+        missing batch size (the quiet steps' rows, written several at a time)."""
         if self._steps is None:
             return
-        nan = math.nan
-        self._rows.append(
-            (
-                step,
-                epoch,
-                batch_idx,
-                loss,
-                loss_z,
-                nan if grad_norm is None else grad_norm,
-                nan if input_rms is None else input_rms,
-                -1 if batch_size is None else batch_size,
-                nan if lr is None else lr,
-                spike,
-            )
-        )
+        self._rows += rows
         if len(self._rows) >= TRACE_BUFFER_ROWS:
             self._write_rows()
 
