@@ -590,8 +590,8 @@ class _SpikeWatchHooks:
             return self.batch_size_fn(batch)
         if inputs is None:
             if type(batch) in (tuple, list) and batch and type(batch[0]) is torch.Tensor:
-                first = batch[0]
-                return first.shape[0] if first.ndim and first.numel() else None
+                shape = batch[0].shape
+                return shape[0] if shape and 0 not in shape else None  # None for a scalar or an empty tensor
             inputs = input_tensors(batch, self.target_keys)
         return batch_size_of(inputs) or batch_size_of(tensor_leaves(batch))
 

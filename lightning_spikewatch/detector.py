@@ -157,13 +157,8 @@ class SpikeDetector:
     def observe_settled(self, losses: list[float]) -> list[float]:
         """Observe, in order, losses already known to be quiet (each under ``quiet_bound`` when it
         was settled); their robust z, exactly as ``observe_quietly`` would have given one by one."""
-        window, threshold = self.windows["loss"], self.z_threshold
-        zscores = []
-        for loss in losses:
-            zscores.append(window.score(loss, threshold)[0])
-            window.push(loss)
         self.batches_seen += len(losses)
-        return zscores
+        return self.windows["loss"].score_and_push(losses, self.z_threshold)
 
     def quiet_bound(self, pushes: int) -> float:
         """A loss below which ``observe_quietly`` would not flag, now or after up to ``pushes`` more

@@ -87,14 +87,16 @@ def fused_norms(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
 
 
 def to_host(scalars: Sequence[torch.Tensor]) -> list[float]:
-    """Move 0-d tensors to the host together: one stack and one device-to-host transfer."""
-    with torch.no_grad():  # the loss may still carry its graph: stacking must not extend it
-        try:
-            stacked = torch.stack(scalars)
-        except RuntimeError:  # scalars on several devices (e.g. inputs kept on CPU): gather them first
-            device = scalars[0].device
-            stacked = torch.stack([s.reshape(()).to(device) for s in scalars])
-        return (stacked if stacked.dtype == torch.float32 else stacked.float()).tolist()
+    """Move 0-d tensors to the host together: one stack and one device-to-host transfer.
+
+    No ``torch.no_grad()`` (its context costs more than the stack on the CPU): a scalar that
+    carries a graph only adds a stack node to it, dropped with the result."""
+    try:
+        stacked = torch.stack(scalars)
+    except RuntimeError:  # scalars on several devices (e.g. inputs kept on CPU): gather them first
+        device = scalars[0].device
+        stacked = torch.stack([s.reshape(()).to(device) for s in scalars])
+    return (stacked if stacked.dtype == torch.float32 else stacked.float()).tolist()
 
 
 SAMPLE_BLOCK = 1024  # contiguous elements per sampled block: whole cache lines, few strides

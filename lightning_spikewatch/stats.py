@@ -150,6 +150,39 @@ class RobustWindow:
         spread = self._mad if self._mad > floor else floor
         return (value - median) / (MAD_TO_SIGMA * spread), median, MAD_TO_SIGMA * spread
 
+    def score_and_push(self, values: Iterable[float], threshold: float) -> list[float]:
+        """``score(value, threshold)[0]`` then ``push(value)`` for each value in order, bit for bit,
+        in one loop: the quiet steps' catch-up, which runs for nearly every step."""
+        if not self.keep_sorted:
+            zscores = []
+            for value in values:
+                zscores.append(self.score(value, threshold)[0])
+                self.push(value)
+            return zscores
+        fifo, ordered, size, isfinite = self._fifo, self._sorted, self.size, math.isfinite
+        rel, least = self.min_rel_spread, self.min_abs_spread
+        zscores = []
+        for value in values:
+            if ordered and value == value:  # as score(): NaN scores NaN, an empty window too
+                n = len(ordered)
+                mid = n // 2
+                median = ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+                floor = max(rel * abs(median), least)
+                if self._pushes_since_mad >= MAD_REFRESH or (value - median) / (MAD_TO_SIGMA * floor) >= threshold:
+                    self._mad = mad_of_sorted(ordered, median)
+                    self._pushes_since_mad = 0
+                spread = self._mad if self._mad > floor else floor
+                zscores.append((value - median) / (MAD_TO_SIGMA * spread))
+            else:
+                zscores.append(math.nan)
+            if isfinite(value):  # as push()
+                if len(fifo) == size:
+                    del ordered[bisect_left(ordered, fifo.popleft())]
+                fifo.append(value)
+                insort(ordered, value)
+                self._pushes_since_mad += 1
+        return zscores
+
     def quiet_bound(self, pushes: int, threshold: float) -> float:
         """A value below which ``score`` stays under ``threshold``, now and after up to ``pushes``
         more pushes of any finite values: a caller can then settle such values with one comparison

@@ -110,3 +110,37 @@ def test_quiet_bound_lets_ordinary_noise_through_once_the_window_has_enough_valu
     bound = window.quiet_bound(8, 6.0)
     assert max(noisy) < bound < window.median() + 6.0 * window.score(2.0)[2]
     assert window.quiet_bound(70, 6.0) == -math.inf  # more pushes than half the window: no bound
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(finite, min_size=0, max_size=80),
+    st.lists(st.one_of(finite, st.just(math.nan), st.just(math.inf)), min_size=1, max_size=40),
+    st.integers(3, 24),
+    st.floats(0.5, 8.0),
+    st.booleans(),
+)
+@example(history=[1.0] * 20, values=[1.0, 1.0 + 1e-9, 50.0, math.nan, 1.0], size=16, threshold=6.0, keep=True)
+@example(  # quiet values whose MAD moves with every push: only the cached MAD's age tells them apart
+    history=[1 + (-1) ** i * (i % 7) * 0.02 for i in range(30)],
+    values=[1 + (-1) ** i * (i % 5) * 0.02 for i in range(40)],
+    size=8,
+    threshold=6.0,
+    keep=True,
+)
+def test_score_and_push_is_score_then_push_bit_for_bit(history, values, size, threshold, keep):
+    one_by_one = RobustWindow(size, min_rel_spread=0.02, keep_sorted=keep)
+    batched = RobustWindow(size, min_rel_spread=0.02, keep_sorted=keep)
+    for value in history:
+        one_by_one.push(value)
+        batched.push(value)
+        one_by_one.score(value, threshold)  # the cached MAD's age must match too
+        batched.score(value, threshold)
+    expected = []
+    for value in values:
+        expected.append(one_by_one.score(value, threshold)[0])
+        one_by_one.push(value)
+    got = batched.score_and_push(values, threshold)
+    assert [repr(z) for z in got] == [repr(z) for z in expected]  # repr: NaN equals NaN, and every bit counts
+    assert batched.values() == one_by_one.values()
+    assert batched.score(1.5, threshold) == one_by_one.score(1.5, threshold) or math.isnan(batched.score(1.5, threshold)[0])
