@@ -1,4 +1,4 @@
-"""On the CPU, gradient and input norms are read every 8th step, on spikes, and for the step before
+"""On the CPU, gradient and input norms are read every 16th step, on spikes, and for the step before
 a spike from its kept gradients. These runs check that this finds what reading every step finds."""
 
 import csv
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lightning_spikewatch import SpikeWatch
+from lightning_spikewatch.callback import CPU_BASELINE_EVERY
 from tests.e2e.tiny import BATCH, TinyNet, fit, loader, position, regression_data, seeded
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
@@ -26,12 +27,12 @@ def found(w: SpikeWatch) -> list[tuple[int, int, str]]:
 
 
 def planted_data():
-    """Causes planted on batches that fall between the every-8th-step reads (and one on a read)."""
+    """Causes planted on batches that fall between the CPU's gradient reads (and one on a read)."""
     data = regression_data(n=BATCH * 120)
     data.y[position(45)] += 30.0  # an outlier target
     rows = slice(position(77, 0), position(78, 0))
     data.x[rows] = data.x[rows] / 1e-4  # a batch normalised with a near-zero std
-    data.y[position(104)] -= 30.0  # an outlier target on a step whose norms are read anyway
+    data.y[position(112)] -= 30.0  # an outlier target on a step whose norms are read anyway (112 = 7 x 16)
     return data
 
 
@@ -42,8 +43,8 @@ def test_thinned_reads_find_the_spikes_and_causes_that_reading_every_step_finds(
         fit(seeded(TinyNet), planted_data(), [w])
         runs[every] = w
     thinned, full = runs[None], runs[1]
-    assert thinned.summary()["settings"]["baseline_every"] == 8 and full.summary()["settings"]["baseline_every"] == 1
-    planted = {(45, "outlier_sample"), (77, "input_scale"), (104, "outlier_sample")}
+    assert thinned.summary()["settings"]["baseline_every"] == CPU_BASELINE_EVERY and full.summary()["settings"]["baseline_every"] == 1
+    planted = {(45, "outlier_sample"), (77, "input_scale"), (112, "outlier_sample")}
     assert planted <= {(batch, cause) for _, batch, cause in found(full)}
     assert found(thinned) == found(full)
     for a, b in zip(thinned.spikes, full.spikes):
@@ -73,7 +74,7 @@ def test_trace_has_gradient_norms_on_read_steps_and_spikes_only(tmp_path):
     assert len(rows) == len(data) // BATCH
     for row in rows:
         step, has_norm = int(row["step"]), math.isfinite(float(row["grad_norm"]))
-        read = step < w.warmup or step % 8 == 0 or row["spike"] == "1"
+        read = step < w.warmup or step % CPU_BASELINE_EVERY == 0 or row["spike"] == "1"
         assert has_norm == read, row
         assert math.isfinite(float(row["loss"])) and int(row["batch_size"]) == BATCH
 
