@@ -1041,9 +1041,7 @@ class _SpikeWatchHooks:
                 self._sizes[record.size] += 1
             self._previous_batch_size = record.size
 
-    def _trace(
-        self, record: _Batch, signals: StepSignals, loss_z: float, optimizer: Any, is_spike: bool
-    ) -> None:
+    def _trace(self, record: _Batch, signals: StepSignals, loss_z: float, optimizer: Any, is_spike: bool) -> None:
         lr = None
         for at, lrs in reversed(self._lr_changes.get(id(optimizer), ())):  # the rate in force at the row's step
             if at <= record.step:

@@ -43,7 +43,10 @@ def test_thinned_reads_find_the_spikes_and_causes_that_reading_every_step_finds(
         fit(seeded(TinyNet), planted_data(), [w])
         runs[every] = w
     thinned, full = runs[None], runs[1]
-    assert thinned.summary()["settings"]["baseline_every"] == CPU_BASELINE_EVERY and full.summary()["settings"]["baseline_every"] == 1
+    assert (
+        thinned.summary()["settings"]["baseline_every"] == CPU_BASELINE_EVERY
+        and full.summary()["settings"]["baseline_every"] == 1
+    )
     planted = {(45, "outlier_sample"), (77, "input_scale"), (112, "outlier_sample")}
     assert planted <= {(batch, cause) for _, batch, cause in found(full)}
     assert found(thinned) == found(full)

@@ -1,0 +1,150 @@
+"""Instructions per training step of each variant of the overhead benchmark, counted by callgrind.
+
+A count that does not move with the machine's load: on a busy shared CPU the wall-clock ratios of
+``overhead.py`` swing by 10% or more between repetitions, while this gives the same number to
+within about 0.1% of a bare step run after run. It counts instructions only, not cache misses or
+memory stalls, so it ranks changes to the Python work of a step reliably; the budget itself is
+still judged on time, by ``overhead.py``.
+
+    python benchmarks/instructions.py                                   # seed MLP, every variant
+    python benchmarks/instructions.py --variants bare,spikewatch --steps 256 --out instructions.json
+
+Needs valgrind with its header ``valgrind/callgrind.h`` (Debian's ``valgrind`` package) and a C
+compiler: a four-line helper library switches counting on at step ``--skip`` and off when training
+ends, so imports, set-up and warm-up are not counted. Each variant runs in its own process under
+valgrind (about a minute each on the seed MLP), as many at a time as there are CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import ctypes
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HELPER_SOURCE = """
+#include <valgrind/callgrind.h>
+void counting_on(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; }
+void counting_off(void) { CALLGRIND_DUMP_STATS; CALLGRIND_STOP_INSTRUMENTATION; }
+"""
+
+
+def build_helper(folder: Path) -> Path:
+    source, library = folder / "counting.c", folder / "libcounting.so"
+    source.write_text(HELPER_SOURCE)
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    return library
+
+
+def child(variant: str, workload_name: str, steps: int, skip: int, helper: str) -> None:
+    """Inside valgrind: one fit, counted from step ``skip`` to the end of training."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import lightning.pytorch as pl
+    import overhead
+    import torch
+
+    torch.set_num_threads(1)  # valgrind runs one thread at a time; one thread keeps the count repeatable
+    counting = ctypes.CDLL(helper)
+
+    class Counting(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == skip:
+                counting.counting_on()
+
+        def on_train_end(self, trainer, pl_module):
+            counting.counting_off()
+
+    workload = overhead.WORKLOADS[workload_name]
+    extra = overhead.VARIANTS[variant]()
+    if extra is None and variant != "bare":
+        sys.exit(3)  # an optional variant that is not installed (ZClip)
+    trainer = overhead.quiet_trainer(skip + steps, "cpu", [Counting()] + ([extra] if extra is not None else []))
+    trainer.fit(workload.model(), workload.loader(skip + steps))
+
+
+def count(variant: str, workload: str, steps: int, skip: int, helper: Path, folder: Path) -> int | None:
+    """Instructions executed in the counted steps of one variant (None if it is not installed)."""
+    out = folder / f"callgrind.{re.sub(r'[^A-Za-z0-9]+', '_', variant)}"
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out}",
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        variant,
+        "--workload",
+        workload,
+        "--steps",
+        str(steps),
+        "--skip",
+        str(skip),
+        "--helper",
+        str(helper),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode == 3:
+        return None
+    dump = Path(f"{out}.1")  # the first dump: the one counting_off asked for
+    if done.returncode != 0 or not dump.exists():
+        raise RuntimeError(f"{variant}: valgrind run failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    match = re.search(r"^summary:\s*(\d+)", dump.read_text(), re.MULTILINE)
+    return int(match.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", default="seed_mlp")
+    parser.add_argument("--variants", help="comma-separated names from overhead.py (default: all)")
+    parser.add_argument("--steps", type=int, default=128, help="counted steps (a multiple of 16 charges periodic work)")
+    parser.add_argument("--skip", type=int, default=40, help="steps run before counting starts")
+    parser.add_argument("--out", type=Path, help="write the counts as JSON")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--helper", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.workload, args.steps, args.skip, args.helper)
+        return
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from overhead import VARIANTS
+    from rich.console import Console
+    from rich.table import Table
+
+    names = args.variants.split(",") if args.variants else list(VARIANTS)
+    if "bare" not in names:
+        names.insert(0, "bare")
+    folder = Path(tempfile.mkdtemp(prefix="spikewatch_instructions_"))
+    helper = build_helper(folder)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        futures = {n: pool.submit(count, n, args.workload, args.steps, args.skip, helper, folder) for n in names}
+        totals = {n: f.result() for n, f in futures.items()}
+    per_step = {n: t / args.steps for n, t in totals.items() if t is not None}
+    bare = per_step["bare"]
+    table = Table(
+        title=f"{args.workload}: instructions per step, callgrind, {args.steps} steps after {args.skip}",
+        title_justify="left",
+    )
+    for column in ("variant", "instructions per step", "added over bare", "x bare"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    rows = {}
+    for name, value in per_step.items():
+        rows[name] = {"per_step": value, "added": value - bare, "ratio": value / bare}
+        table.add_row(name, f"{value / 1e3:,.1f} k", f"{(value - bare) / 1e3:+,.1f} k", f"{value / bare:.4f}")
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    console.print(table)
+    if args.out:
+        report = {"workload": args.workload, "steps": args.steps, "skip": args.skip, "variants": rows}
+        args.out.write_text(json.dumps(report, indent=2))
+        console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
