@@ -872,6 +872,8 @@ class _SpikeWatchHooks:
         self._settled.append((step, batch_idx, size, loss, self._trace_lr))
         if self._looks_back:  # references only: read if the next step spikes; the batch for its evidence
             self._held_lookback = (batch, batch_idx, step, size, loss, list(map(_GRAD_OF, self._grads.params)))
+        else:
+            self._held_lookback = None
 
     def _plan_quiet_steps(self) -> None:
         """After a general step: how many of the next steps the quiet bound may settle (those before
@@ -1047,8 +1049,10 @@ class _SpikeWatchHooks:
             if at <= record.step:
                 lr = lrs[0] if lrs else None
                 break
-        row = (record.step, record.epoch, record.batch_idx, signals.loss, loss_z, signals.grad_norm)
-        self._attempt_trace(self._log.write_step, *row, signals.input_rms, record.size, lr, is_spike)
+        numbers = (signals.loss, loss_z, signals.grad_norm, signals.input_rms)
+        self._attempt_trace(
+            self._log.write_step, record.step, record.epoch, record.batch_idx, *numbers, record.size, lr, is_spike
+        )
 
     def _attempt_trace(self, write: Callable, *args: Any) -> None:
         try:

@@ -250,3 +250,47 @@ def test_plot_without_matplotlib_warns_once_and_finishes(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=r"plot=True but plotting needs matplotlib"):
         trainer = fit(seeded(TinyNet), outlier_data(), [w])
     assert trainer.state.finished and not (tmp_path / "spikes.png").exists() and len(w.spikes) == 1
+
+
+class HookCalls(pl.Callback):
+    """Records, at each batch start, which SpikeWatch hooks Lightning would call (callable ones)."""
+
+    def __init__(self, watched):
+        self.watched, self.seen = watched, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        names = ("on_before_zero_grad", "on_after_backward", "on_train_batch_end")
+        self.seen.append({name for name in names if callable(getattr(self.watched, name))})
+
+
+def test_hooks_with_nothing_to_do_are_skipped_during_fit_and_restored_after(tmp_path):
+    w = watch(tmp_path)
+    calls = HookCalls(w)
+    fit(seeded(TinyNet), outlier_data(), [w, calls])
+    assert_outlier_found(w)  # batch end ran for the spike: its event is complete, with its samples
+    assert calls.seen[30] == set()  # a quiet step after warm-up: none of the three is called
+    assert all(callable(getattr(w, name)) for name in ("on_before_zero_grad", "on_after_backward"))
+    assert callable(w.on_train_batch_end)  # after fit every hook is the class's again
+
+
+def test_with_a_logger_batch_end_runs_every_step(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    w = watch(tmp_path / "w")
+    calls = HookCalls(w)
+    fit(seeded(TinyNet), outlier_data(), [w, calls], logger=CSVLogger(tmp_path / "logs"), log_every_n_steps=5)
+    assert all(seen == {"on_train_batch_end"} for seen in calls.seen[1:])
+    assert_outlier_found(w)
+
+
+def test_a_subclass_keeps_the_hooks_it_overrides(tmp_path):
+    class CountingBackward(SpikeWatch):
+        backwards = 0
+
+        def on_after_backward(self, trainer, pl_module):
+            self.backwards += 1
+
+    w = CountingBackward(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    trainer = fit(seeded(TinyNet), outlier_data(), [w])
+    assert w.backwards == trainer.global_step == 60
+    assert_outlier_found(w)
