@@ -403,9 +403,11 @@ class _SpikeWatchHooks:
         if part in self._disabled:
             return
         self._disabled.add(part)
-        if part in ("watch", "grad_norms"):  # the lean hooks test these flags, not the set
-            self._lean = self._lean and part != "watch"
-            self._looks_back = self._looks_back and part != "grad_norms"
+        # The lean hooks test these flags, not the set.
+        if part == "watch":
+            self._lean = False
+        if part == "grad_norms":
+            self._looks_back = False
         warnings.warn(
             f"SpikeWatch: its {part!r} part failed ({type(err).__name__}: {err}) and is switched off for the rest of "
             "this run; training continues unaffected. Please report this message.",
@@ -610,7 +612,7 @@ class _SpikeWatchHooks:
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if not self._lean:
-            self._optimizer_step(trainer, pl_module, optimizer)
+            self._evaluate_step(trainer, pl_module, optimizer)
             return
         loss, self._held_loss = self._held_loss, None
         if loss is None:
@@ -639,9 +641,6 @@ class _SpikeWatchHooks:
         self._plan_quiet_steps()
 
     @_safely("watch")
-    def _optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        self._evaluate_step(trainer, pl_module, optimizer)
-
     def _evaluate_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         """The optimizer step's work on the general path: learning rate, scoring, reading, actions."""
         self._record_lr(trainer.global_step, optimizer)
