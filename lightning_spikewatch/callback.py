@@ -361,6 +361,8 @@ class _SpikeWatchHooks:
         self._reports_to_loggers = False
         self._held_batch: Any = None  # lean path: this step's batch and its index, by reference
         self._held_idx = 0
+        self._loop_batch: tuple[Any, Any] | None = None  # lean path: where Lightning keeps them (see _follow_loop)
+        self._follow_loop_untried = False
         self._held_loss: torch.Tensor | None = None  # lean path: this step's loss, as passed to backward
         self._held_lookback: tuple | None = None  # lean path: the last settled step's batch and gradients
         self._settled: list[_Settled] = []  # quiet steps not yet observed by the detector
@@ -542,6 +544,7 @@ class _SpikeWatchHooks:
         self._step_counter = _optimizer_step_counter(trainer) if self._lean else None
         self._lean = self._step_counter is not None
         self._reports_to_loggers = bool(trainer.loggers) and trainer.is_global_zero
+        self._follow_loop_untried = self._lean
         self._skip_hooks(*_UNUSED_STEP_HOOKS)
         self._skip_batch_end_if_idle()
 
@@ -557,7 +560,7 @@ class _SpikeWatchHooks:
             self._skip_hooks("on_train_batch_end")
 
     def _restore_hooks(self) -> None:
-        for name in (*_UNUSED_STEP_HOOKS, "on_train_batch_end"):
+        for name in (*_UNUSED_STEP_HOOKS, "on_train_batch_start", "on_train_batch_end"):
             self.__dict__.pop(name, None)
 
     @_safely("watch")
@@ -567,8 +570,20 @@ class _SpikeWatchHooks:
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._lean:  # references only (nothing here can fail); a record is made if the step is not quiet
             self._held_batch, self._held_idx, self._held_loss = batch, batch_idx, None
+            if self._follow_loop_untried:
+                self._follow_loop_untried = False
+                self._attempt("watch", self._follow_loop, trainer, batch, batch_idx)
             return
         self._start_batch(trainer, batch, batch_idx)
+
+    def _follow_loop(self, trainer: Any, batch: Any, batch_idx: int) -> None:
+        """From now on read the batch and its index where Lightning keeps them during the step, and
+        have Lightning skip this hook: one hook call less per step. Taken only if both hold exactly
+        what this first call was given (else this hook keeps running, as before)."""
+        source = _loop_batch_source(trainer)
+        if source is not None and source[0].batch is batch and source[1].ready - 1 == batch_idx:
+            self._loop_batch = source
+            self._skip_hooks("on_train_batch_start")
 
     @_safely("watch")
     def _start_batch(self, trainer: Any, batch: Any, batch_idx: int) -> None:
@@ -617,6 +632,9 @@ class _SpikeWatchHooks:
         loss, self._held_loss = self._held_loss, None
         if loss is None:
             return  # nothing held: the step was seen already (a closure run again) or had no backward
+        if self._loop_batch is not None:  # the batch start hook is skipped: read them from the loop
+            results, progress = self._loop_batch
+            self._held_batch, self._held_idx = results.batch, progress.ready - 1
         host_loss = None
         if self._quiet_left:  # no read due: the loss alone may settle the step
             try:
@@ -1485,6 +1503,18 @@ def _optimizer_step_counter(trainer: Any) -> Any:
     try:
         counter = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
         return counter if counter.completed == trainer.global_step else None
+    except AttributeError:
+        return None
+
+
+def _loop_batch_source(trainer: Any) -> tuple[Any, Any] | None:
+    """Where Lightning keeps the current training batch (``trainer._results.batch``, set at batch
+    start for logging and cleared at batch end) and the count whose ``ready - 1`` is its index; None
+    where this Lightning version keeps them elsewhere."""
+    try:
+        results = trainer.fit_loop._results
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return (results, progress) if results is trainer._results and hasattr(results, "batch") else None
     except AttributeError:
         return None
 

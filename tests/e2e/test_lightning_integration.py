@@ -259,7 +259,7 @@ class HookCalls(pl.Callback):
         self.watched, self.seen = watched, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        names = ("on_before_zero_grad", "on_after_backward", "on_train_batch_end")
+        names = ("on_train_batch_start", "on_before_zero_grad", "on_after_backward", "on_train_batch_end")
         self.seen.append({name for name in names if callable(getattr(self.watched, name))})
 
 
@@ -268,9 +268,25 @@ def test_hooks_with_nothing_to_do_are_skipped_during_fit_and_restored_after(tmp_
     calls = HookCalls(w)
     fit(seeded(TinyNet), outlier_data(), [w, calls])
     assert_outlier_found(w)  # batch end ran for the spike: its event is complete, with its samples
-    assert calls.seen[30] == set()  # a quiet step after warm-up: none of the three is called
+    assert calls.seen[30] == set()  # a quiet step after warm-up: none of the four is called
+    # The batch and its index are read where Lightning keeps them during the step: batch start runs once.
+    assert all("on_train_batch_start" not in seen for seen in calls.seen)
     assert all(callable(getattr(w, name)) for name in ("on_before_zero_grad", "on_after_backward"))
-    assert callable(w.on_train_batch_end)  # after fit every hook is the class's again
+    assert callable(w.on_train_batch_start) and callable(w.on_train_batch_end)  # after fit: the class's again
+
+
+def test_batch_start_keeps_running_where_lightning_keeps_the_batch_elsewhere(tmp_path, monkeypatch):
+    from lightning_spikewatch import callback
+
+    class Elsewhere:
+        batch = None  # not the batch the hook is given
+
+    monkeypatch.setattr(callback, "_loop_batch_source", lambda trainer: (Elsewhere(), None))
+    w = watch(tmp_path)
+    calls = HookCalls(w)
+    fit(seeded(TinyNet), outlier_data(), [w, calls])
+    assert all("on_train_batch_start" in seen for seen in calls.seen)  # called every step, as before
+    assert_outlier_found(w)
 
 
 def test_with_a_logger_batch_end_runs_every_step(tmp_path):

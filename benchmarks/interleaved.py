@@ -1,0 +1,246 @@
+"""What SpikeWatch costs per step, with machine noise cancelled block by block.
+
+On a shared machine the step time drifts by tens of percent within seconds, far more than the few
+percent being measured, and whole runs taken one after another (``overhead.py``) feel that drift.
+Here every variant's fit runs at once, one thread each, but only one of them steps at a time: each
+runs one block of 16 steps, then hands the turn to the next, in a fresh random order every round.
+A variant's k-th block and bare's k-th block are then a few tens of milliseconds apart, and the
+ratio of the two sees nearly the same machine. The result is, per variant, the median of those
+per-round ratios (with its interquartile range) over hundreds of rounds.
+
+    python benchmarks/interleaved.py                           # seed MLP, 300 rounds of 16 steps
+    python benchmarks/interleaved.py --workload medium_mlp --rounds 40
+    python benchmarks/interleaved.py --against 00a80aa         # also an earlier commit's SpikeWatch
+    python benchmarks/interleaved.py --accelerator gpu --out interleaved_gpu.json
+
+Each block holds exactly one of SpikeWatch's periodic CPU reads (every 16th step), so its cost is
+charged to the steps in between. A median ignores what happens in fewer than half the blocks: the
+trace flush every 512 steps and epoch ends; the mean ratio is printed beside it to show them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from rich.console import Console
+from rich.table import Table
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import overhead  # noqa: E402  (the workloads, variants and Trainer settings are shared)
+
+BLOCK = overhead.BLOCK
+BUDGET = overhead.BUDGET
+
+
+class Baton:
+    """Whose turn it is to step. Every fit passes the turn on once per block, so round k is every
+    fit's k-th block; the order within a round is shuffled, so no variant always follows another."""
+
+    def __init__(self, names: list[str], seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+        self._active = list(names)
+        self._queue: list[str] = []
+        self._turn: str | None = None
+        self._changed = threading.Condition()
+        with self._changed:
+            self._advance()
+
+    def _advance(self) -> None:
+        self._queue = [name for name in self._queue if name in self._active]
+        if not self._queue and self._active:
+            self._queue = self._rng.sample(self._active, len(self._active))
+        self._turn = self._queue.pop(0) if self._queue else None
+        self._changed.notify_all()
+
+    def wait(self, name: str) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._turn == name)
+
+    def pass_on(self, name: str, finished: bool = False) -> None:
+        with self._changed:
+            if finished and name in self._active:
+                self._active.remove(name)
+            if self._turn == name:
+                self._advance()
+
+
+class BlockClock(pl.Callback):
+    """Times whole blocks of steps between two turns; the hand-over itself is not timed."""
+
+    def __init__(self, name: str, baton: Baton, skip: int, device: torch.device) -> None:
+        self.name, self.baton, self.skip, self.device = name, baton, skip, device
+        self.blocks: list[float] = []
+        self._start: float | None = None
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module):
+        self.baton.wait(self.name)  # set-up runs side by side; the steps only in turn
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step
+        if step < self.skip or (step - self.skip) % BLOCK:
+            return
+        now = self._now()
+        if self._start is not None:
+            self.blocks.append(now - self._start)
+        self.baton.pass_on(self.name)
+        self.baton.wait(self.name)
+        self._start = self._now()
+
+
+def earlier_spikewatch(revision: str) -> type:
+    """SpikeWatch as it was at ``revision`` (imported beside this tree's under another name)."""
+    import compare
+
+    return importlib.import_module(compare.earlier_package(revision)).SpikeWatch
+
+
+def watcher(cls: type):
+    return lambda: cls(log_dir=tempfile.mkdtemp(prefix="spikewatch_bench_"), print_spikes=False, print_summary=False)
+
+
+def run_interleaved(
+    workload: overhead.Workload, variants: dict, rounds: int, skip: int, accelerator: str
+) -> dict[str, list[float]]:
+    """Fit every variant at once, in turns; returns each variant's block times, round by round."""
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    steps = skip + BLOCK * (rounds + 1)  # the last block is not timed: train end is not a step
+    baton = Baton(list(variants))
+    clocks = {name: BlockClock(name, baton, skip, device) for name in variants}
+    failures: dict[str, BaseException] = {}
+
+    def fit(name: str) -> None:
+        try:
+            extra = variants[name]()
+            trainer = overhead.quiet_trainer(steps, accelerator, [clocks[name]] + ([extra] if extra else []))
+            trainer.fit(workload.model(), workload.loader(steps))
+        except BaseException as err:  # noqa: BLE001 - reported below; the other fits must go on
+            failures[name] = err
+        finally:
+            baton.pass_on(name, finished=True)
+
+    gc.collect()
+    threads = [threading.Thread(target=fit, args=(name,), name=name) for name in variants]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        name, err = next(iter(failures.items()))
+        raise RuntimeError(f"the {name!r} fit failed") from err
+    return {name: clock.blocks for name, clock in clocks.items()}
+
+
+def summarise(blocks: dict[str, list[float]]) -> dict[str, dict]:
+    bare = blocks["bare"]
+    summary = {}
+    for name, times in blocks.items():
+        ratios = [t / b for t, b in zip(times, bare)]
+        q1, median, q3 = statistics.quantiles(ratios, n=4)
+        summary[name] = {
+            "median_step_ms": statistics.median(times) / BLOCK * 1e3,
+            "ratio_median": statistics.median(ratios),
+            "ratio_q1": q1,
+            "ratio_q3": q3,
+            "ratio_of_means": sum(times) / sum(bare),
+            "rounds": len(ratios),
+        }
+    return summary
+
+
+def render(workload: overhead.Workload, summary: dict[str, dict], rounds: int, console: Console) -> None:
+    table = Table(
+        title=f"{workload.name}: {workload.parameters:,} parameters, batch {workload.batch_size}, "
+        f"{rounds} rounds of {BLOCK} steps, variants in turn",
+        title_justify="left",
+    )
+    for column in ("variant", "median step", "x bare (median of rounds)", "interquartile range", "x bare (means)"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for name, row in summary.items():
+        table.add_row(
+            name,
+            f"{row['median_step_ms']:.3f} ms",
+            f"{row['ratio_median']:.3f}",
+            f"{row['ratio_q1']:.3f}..{row['ratio_q3']:.3f}",
+            f"{row['ratio_of_means']:.3f}",
+        )
+    console.print(table)
+    watch = summary.get("spikewatch")
+    if watch is None:
+        return
+    budget = BUDGET.get(workload.name)
+    if budget is not None:
+        verdict = "meets it" if watch["ratio_median"] <= budget else "MISSES it"
+        console.print(f"Budget x{budget:.2f}: SpikeWatch x{watch['ratio_median']:.3f} {verdict}.")
+    others = [n for n in overhead.COMPETITORS if n in summary]
+    if others:
+        cheaper = all(watch["ratio_median"] < summary[n]["ratio_median"] for n in others)
+        console.print(f"Cheaper than every other watcher ({', '.join(others)}): {'yes' if cheaper else 'NO'}.")
+
+
+DEFAULT_VARIANTS = "bare,empty callback,fused-norm floor,spikewatch,grad_norm logging,SpikeDetection,ZClip"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--workload", default="seed_mlp", choices=sorted(overhead.WORKLOADS))
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated names from overhead.py")
+    parser.add_argument("--rounds", type=int, default=300, help="timed blocks per variant")
+    parser.add_argument("--skip", type=int, default=32, help="warm-up steps of each fit, not timed")
+    parser.add_argument("--against", help="also time SpikeWatch at this git revision")
+    parser.add_argument("--out", type=Path, help="write the results as JSON")
+    args = parser.parse_args()
+    names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = [name for name in names if name not in overhead.VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(overhead.VARIANTS)}")
+    if args.rounds < 8:
+        parser.error("--rounds must be at least 8")
+    variants = {"bare": overhead.VARIANTS["bare"]}
+    for name in names:
+        if name != "bare" and overhead.VARIANTS[name]() is not None:  # ZClip only when installed
+            variants[name] = overhead.VARIANTS[name]
+    if args.against:
+        variants[f"spikewatch at {args.against}"] = watcher(earlier_spikewatch(args.against))
+    workload = overhead.WORKLOADS[args.workload]
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    console.print(f"[bold]{workload.name}[/bold]: {len(variants)} fits in turn, {args.rounds} rounds ...")
+    blocks = run_interleaved(workload, variants, args.rounds, args.skip, args.accelerator)
+    summary = summarise(blocks)
+    render(workload, summary, args.rounds, console)
+    if args.out:
+        report = {
+            "workload": workload.name,
+            "accelerator": args.accelerator,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "rounds": args.rounds,
+            "block": BLOCK,
+            "variants": summary,
+            "blocks_s": blocks,
+        }
+        args.out.write_text(json.dumps(report, indent=2))
+        console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
