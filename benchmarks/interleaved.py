@@ -13,6 +13,11 @@ per-round ratios (with its interquartile range) over hundreds of rounds.
     python benchmarks/interleaved.py --against 00a80aa         # also an earlier commit's SpikeWatch
     python benchmarks/interleaved.py --accelerator gpu --out interleaved_gpu.json
 
+On the CPU torch runs one thread by default here (``--threads``): with two, every operation waits
+for both cores, and on a shared machine the other core is often busy, which made the per-round
+ratios about twice as spread. SpikeWatch's own work is single-threaded Python, and one thread makes
+the bare step faster, not slower, so its ratio is not flattered by this.
+
 Each block holds exactly one of SpikeWatch's periodic CPU reads (every 16th step), so its cost is
 charged to the steps in between. A median ignores what happens in fewer than half the blocks: the
 trace flush every 512 steps and epoch ends; the mean ratio is printed beside it to show them.
@@ -207,6 +212,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=300, help="timed blocks per variant")
     parser.add_argument("--skip", type=int, default=32, help="warm-up steps of each fit, not timed")
     parser.add_argument("--against", help="also time SpikeWatch at this git revision")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: a busy second core then stalls no step)"
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args()
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
@@ -221,6 +229,7 @@ def main() -> None:
             variants[name] = overhead.VARIANTS[name]
     if args.against:
         variants[f"spikewatch at {args.against}"] = watcher(earlier_spikewatch(args.against))
+    torch.set_num_threads(args.threads)
     workload = overhead.WORKLOADS[args.workload]
     console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(f"[bold]{workload.name}[/bold]: {len(variants)} fits in turn, {args.rounds} rounds ...")
