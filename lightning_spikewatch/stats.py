@@ -160,19 +160,21 @@ class RobustWindow:
                 self.push(value)
             return zscores
         fifo, ordered, size, isfinite = self._fifo, self._sorted, self.size, math.isfinite
-        rel, least = self.min_rel_spread, self.min_abs_spread
+        rel, least, sigma = self.min_rel_spread, self.min_abs_spread, MAD_TO_SIGMA
+        mad, since = self._mad, self._pushes_since_mad  # kept in locals, stored back at the end
         zscores = []
         for value in values:
             if ordered and value == value:  # as score(): NaN scores NaN, an empty window too
                 n = len(ordered)
                 mid = n // 2
                 median = ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-                floor = max(rel * abs(median), least)
-                if self._pushes_since_mad >= MAD_REFRESH or (value - median) / (MAD_TO_SIGMA * floor) >= threshold:
-                    self._mad = mad_of_sorted(ordered, median)
-                    self._pushes_since_mad = 0
-                spread = self._mad if self._mad > floor else floor
-                zscores.append((value - median) / (MAD_TO_SIGMA * spread))
+                floor = rel * abs(median)
+                if floor < least:
+                    floor = least
+                if since >= MAD_REFRESH or (value - median) / (sigma * floor) >= threshold:
+                    mad = mad_of_sorted(ordered, median)
+                    since = 0
+                zscores.append((value - median) / (sigma * (mad if mad > floor else floor)))
             else:
                 zscores.append(math.nan)
             if isfinite(value):  # as push()
@@ -180,7 +182,8 @@ class RobustWindow:
                     del ordered[bisect_left(ordered, fifo.popleft())]
                 fifo.append(value)
                 insort(ordered, value)
-                self._pushes_since_mad += 1
+                since += 1
+        self._mad, self._pushes_since_mad = mad, since
         return zscores
 
     def quiet_bound(self, pushes: int, threshold: float) -> float:
