@@ -210,7 +210,9 @@ def main() -> None:
     parser.add_argument("--workload", default="seed_mlp", choices=sorted(overhead.WORKLOADS))
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated names from overhead.py")
     parser.add_argument("--rounds", type=int, default=300, help="timed blocks per variant")
-    parser.add_argument("--skip", type=int, default=40, help="warm-up steps of each fit, not timed (the read then falls mid-block)")
+    parser.add_argument(
+        "--skip", type=int, default=40, help="warm-up steps of each fit, not timed (the read then falls mid-block)"
+    )
     parser.add_argument("--against", help="also time SpikeWatch at this git revision")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: a busy second core then stalls no step)"

@@ -919,13 +919,13 @@ class _SpikeWatchHooks:
         self._last_loss_z = zscores[-1]
         self._step_grad_norm = None
         if self._log is not None and self.trace_every:
-            first, every, epoch, nan = self.batches_watched - len(settled) + 1, self.trace_every, self._epoch, math.nan
+            first, every, epoch = self.batches_watched - len(settled) + 1, self.trace_every, self._epoch
             rows = [
-                (step, epoch, batch_idx, loss, loss_z, nan, nan, -1 if size is None else size, lr, False)
+                (step, epoch, batch_idx, loss, loss_z, -1 if size is None else size, lr)
                 for number, (step, batch_idx, size, loss, lr), loss_z in zip(count(first), settled, zscores)
                 if number % every == 0
             ]
-            self._attempt_trace(self._log.write_steps, rows)
+            self._attempt_trace(self._log.write_settled, rows)
         sizes = [row[2] for row in settled if row[2] is not None]
         if sizes:
             if self._nominal_batch_size is None:

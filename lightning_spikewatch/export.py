@@ -23,7 +23,9 @@ PLOT_FILE = "spikes.png"
 SKIP_FILE = "skip_batches.jsonl"  # batches set aside by action="stop", skipped when the fit resumes
 TRACE_COLUMNS = ("step", "epoch", "batch_idx", "loss", "loss_z", "grad_norm", "input_rms", "batch_size", "lr", "spike")
 TRACE_FORMAT = "%d,%d,%d,%.6g,%.6g,%.6g,%.6g,%d,%.6g,%d\n"
-TRACE_BUFFER_ROWS = 512  # rows held in memory before they are formatted and written (bounded)
+# A quiet step settled between reads: no norms read, no spike (formatting NaN costs as much as a number).
+SETTLED_FORMAT = "%d,%d,%d,%.6g,%.6g,nan,nan,%d,%.6g,0\n"
+TRACE_BUFFER_ROWS = 512  # rows held in memory before they are written (bounded)
 
 
 class SpikeLog:
@@ -48,7 +50,7 @@ class SpikeLog:
         self._mode, self._suffix = mode, suffix
         if not append:  # a fresh fit starts with no batches set aside
             (self.log_dir / _with_suffix(SKIP_FILE, suffix)).unlink(missing_ok=True)
-        self._rows: list[tuple] = []
+        self._lines: list[str] = []
         if trace:
             path = self.log_dir / _with_suffix(STEPS_FILE, suffix)
             fresh = not append or not path.exists() or path.stat().st_size == 0
@@ -100,7 +102,8 @@ class SpikeLog:
         read is written as ``nan`` (a missing batch size as ``-1``).
         """
         nan = math.nan
-        self.write_steps(
+        self._buffer(
+            TRACE_FORMAT,
             [
                 (
                     step,
@@ -117,20 +120,23 @@ class SpikeLog:
             ]
         )
 
-    def write_steps(self, rows: list[tuple]) -> None:
-        """Buffer trace rows given in column order, with NaN for a value not read and -1 for a
-        missing batch size (the quiet steps' rows, written several at a time)."""
+    def write_settled(self, rows: list[tuple]) -> None:
+        """Buffer the rows of quiet steps settled between reads: ``(step, epoch, batch_idx, loss,
+        loss_z, batch_size, lr)``, written as ``write_step`` writes such a row (NaN norms, no spike)."""
+        self._buffer(SETTLED_FORMAT, rows)
+
+    def _buffer(self, line_format: str, rows: list[tuple]) -> None:
         if self._steps is None:
             return
-        self._rows += rows
-        if len(self._rows) >= TRACE_BUFFER_ROWS:
+        self._lines += [line_format % row for row in rows]
+        if len(self._lines) >= TRACE_BUFFER_ROWS:
             self._write_rows()
 
     def _write_rows(self) -> None:
-        # Formatting a block of rows at once is several times cheaper than a row per step.
-        if self._steps is not None and self._rows:
-            self._steps.write("".join([TRACE_FORMAT % row for row in self._rows]))
-        self._rows.clear()
+        # One write per block of rows: several times cheaper than a write per step.
+        if self._steps is not None and self._lines:
+            self._steps.write("".join(self._lines))
+        self._lines.clear()
 
     def flush_trace(self) -> None:
         if self._steps is not None:

@@ -69,3 +69,18 @@ def test_append_mode_keeps_earlier_lines_and_a_single_header(tmp_path):
         log.close()
     assert [json.loads(line)["step"] for line in (tmp_path / "spikes.jsonl").read_text().splitlines()] == [12, 30]
     assert [r[0] for r in csv.reader((tmp_path / "steps.csv").open())] == ["step", "1", "1"]
+
+
+def test_settled_rows_are_written_as_write_step_writes_unread_quiet_rows(tmp_path):
+    rows = [(7, 1, 3, 0.123456789, -0.75, 32, 1e-3), (8, 1, 4, 2.5e-7, 1.25, -1, math.nan)]
+    for name, settled in (("steps", False), ("settled", True)):
+        log = SpikeLog(tmp_path / name)
+        if settled:
+            log.write_settled(rows)
+        else:
+            for step, epoch, batch_idx, loss, loss_z, size, lr in rows:
+                log.write_step(step, epoch, batch_idx, loss, loss_z, None, None, None if size < 0 else size, lr, False)
+        log.close()
+    written = (tmp_path / "settled" / "steps.csv").read_text()
+    assert written == (tmp_path / "steps" / "steps.csv").read_text()
+    assert written.splitlines()[1] == "7,1,3,0.123457,-0.75,nan,nan,32,0.001,0"
