@@ -9,7 +9,6 @@ ratio of the two sees nearly the same machine. The result is, per variant, the m
 per-round ratios (with its interquartile range) over hundreds of rounds.
 
     python benchmarks/interleaved.py                           # seed MLP, 300 rounds of 16 steps
-    python benchmarks/interleaved.py --workload medium_mlp --rounds 40
     python benchmarks/interleaved.py --against 00a80aa         # also an earlier commit's SpikeWatch
     python benchmarks/interleaved.py --accelerator gpu --out interleaved_gpu.json
 
@@ -17,6 +16,10 @@ On the CPU torch runs one thread by default here (``--threads``): with two, ever
 for both cores, and on a shared machine the other core is often busy, which made the per-round
 ratios about twice as spread. SpikeWatch's own work is single-threaded Python, and one thread makes
 the bare step faster, not slower, so its ratio is not flattered by this.
+
+Meant for models whose gradients are small (the seed MLP). With tens of MB of gradients per fit
+(the medium MLP), fits in several threads disturb each other's memory allocation: bare timed
+against a second bare fit came out 6% apart there. Time such models with ``overhead.py``.
 
 Each block holds exactly one of SpikeWatch's periodic CPU reads (every 16th step), so its cost is
 charged to the steps in between. A median ignores what happens in fewer than half the blocks: the
