@@ -117,7 +117,7 @@ class SpikeLog:
                     nan if lr is None else lr,
                     spike,
                 )
-            ]
+            ],
         )
 
     def write_settled(self, rows: list[tuple]) -> None:
