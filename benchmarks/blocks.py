@@ -1,0 +1,241 @@
+"""What a watcher costs per step, timed against itself switched off within one fit.
+
+One fit per variant. Its steps are cut into blocks of 16, taken in pairs: in one block of each pair
+the watcher is on, in the other it is off (Lightning then skips all of its per-step hooks, as for a
+Trainer without it), in a random order per pair. The result is the median over pairs of the ratio
+on/off (with its interquartile range and standard error). The two blocks of a pair are adjacent
+steps of one process, one model and one allocator, so the machine's drift, which reaches tens of
+percent within seconds on a shared machine, cancels, and no second fit competes for memory: this
+method works for large gradients too (the medium MLP), where fits in turns (``interleaved.py``)
+disturb each other.
+
+    python benchmarks/blocks.py                                   # seed MLP: spikewatch and empty callback
+    python benchmarks/blocks.py --variants "spikewatch,spikewatch,ZClip" --pairs 2500
+    python benchmarks/blocks.py --workload medium_mlp --pairs 150 --out blocks_cpu_medium.json
+
+``--aa`` switches nothing (both blocks of a pair on): the noise floor of the method, which should
+print x1.000 within its error.
+
+A watcher switched off keeps its state; it only stops seeing steps. For SpikeWatch the references it
+holds between steps (the last loss, the gradients kept for the step-before lookback) are dropped
+when it is switched off, so an off block holds nothing more than a bare Trainer does. Each on block
+holds exactly one of SpikeWatch's periodic CPU reads (every 16th step), so their cost is charged to
+the steps in between. A median ignores what happens in fewer than half the blocks (the trace flush
+every 512 steps, epoch ends); the ratio of mean block times is printed beside it to show them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from rich.console import Console
+from rich.table import Table
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import overhead  # noqa: E402  (the workloads, variants and Trainer settings are shared)
+
+BLOCK = overhead.BLOCK
+BUDGET = overhead.BUDGET
+STEP_HOOKS = (
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_train_batch_end",
+)
+HELD_BETWEEN_STEPS = ("_held_loss", "_held_lookback", "_lookback")  # SpikeWatch's references across steps
+
+
+class Switch:
+    """Turns a callback's per-step hooks off (``None`` on the instance: Lightning skips a hook that is
+    not callable) and back on exactly as they were, including hooks the callback skips itself."""
+
+    def __init__(self, callback: pl.Callback) -> None:
+        self.callback = callback
+        self._saved: dict[str, object] | None = None
+
+    def off(self) -> None:
+        if self._saved is not None:
+            return
+        state = vars(self.callback)
+        self._saved = {name: state[name] for name in STEP_HOOKS if name in state}
+        for name in STEP_HOOKS:
+            setattr(self.callback, name, None)
+        for name in HELD_BETWEEN_STEPS:
+            if name in state:
+                state[name] = None
+
+    def on(self) -> None:
+        if self._saved is None:
+            return
+        state = vars(self.callback)
+        for name in STEP_HOOKS:
+            state.pop(name, None)
+        state.update(self._saved)
+        self._saved = None
+
+
+class PairedBlocks(pl.Callback):
+    """Times blocks of steps and switches the watcher at each block start, in pairs of on and off.
+
+    Listed before the watcher, so a block starts before any of the watcher's hooks of that step."""
+
+    def __init__(
+        self, switch: Switch | None, skip: int, device: torch.device, block: int = BLOCK, seed: int = 0
+    ) -> None:
+        self.switch, self.skip, self.device, self.block = switch, skip, device, block
+        self.pairs: list[tuple[float, float]] = []  # (on, off) block seconds
+        self._random = random.Random(seed)
+        self._plan: list[bool] = []
+        self._pair: dict[bool, float] = {}
+        self._state: bool | None = None
+        self._start = 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step
+        if step < self.skip or (step - self.skip) % self.block:
+            return
+        now = self._now()
+        if self._state is not None:
+            self._pair[self._state] = now - self._start
+        if not self._plan:
+            if len(self._pair) == 2:
+                self.pairs.append((self._pair[True], self._pair[False]))
+            self._pair = {}
+            self._plan = self._random.sample([True, False], 2)
+        self._state = self._plan.pop()
+        if self.switch is not None:
+            (self.switch.on if self._state else self.switch.off)()
+        self._start = self._now()
+
+
+def run_pairs(
+    workload: overhead.Workload,
+    variant: str,
+    pairs: int,
+    skip: int,
+    accelerator: str,
+    aa: bool = False,
+    block: int = BLOCK,
+) -> list[tuple[float, float]]:
+    """One fit of ``variant``, switched on and off block by block; the (on, off) block times."""
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    steps = skip + block * (2 * pairs + 1)  # the last block is not timed: train end is not a step
+    watcher = overhead.VARIANTS[variant]()
+    if watcher is None:
+        raise SystemExit(f"{variant!r} is not available here (is its package installed?)")
+    clock = PairedBlocks(None if aa else Switch(watcher), skip, device, block)
+    gc.collect()
+    trainer = overhead.quiet_trainer(steps, accelerator, [clock, watcher])
+    trainer.fit(workload.model(), workload.loader(steps))
+    return clock.pairs
+
+
+def summarise(pairs: list[tuple[float, float]], block: int = BLOCK) -> dict:
+    ratios = [on / off for on, off in pairs]
+    quartiles = statistics.quantiles(ratios, n=4)
+    # Standard error of a median: about 1.25 x that of a mean for a bell-shaped spread.
+    error = 1.2533 * statistics.stdev(ratios) / math.sqrt(len(ratios))
+    return {
+        "pairs": len(ratios),
+        "on_step_ms": statistics.median(on for on, _ in pairs) / block * 1e3,
+        "off_step_ms": statistics.median(off for _, off in pairs) / block * 1e3,
+        "ratio_median": statistics.median(ratios),
+        "ratio_standard_error": error,
+        "ratio_quartiles": [quartiles[0], quartiles[2]],
+        "ratio_of_means": statistics.fmean(on for on, _ in pairs) / statistics.fmean(off for _, off in pairs),
+    }
+
+
+def render(
+    workload: overhead.Workload, results: dict[str, dict], console: Console, block: int = BLOCK, aa: bool = False
+) -> None:
+    any_result = next(iter(results.values()))
+    table = Table(
+        title=f"{workload.name}: {workload.parameters:,} parameters, batch {workload.batch_size}, "
+        f"{any_result['pairs']} pairs of {block}-step blocks, each variant on against itself off",
+        title_justify="left",
+    )
+    for column in ("variant", "step off", "step on", "x off (median of pairs)", "std. error", "IQR", "x off (means)"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for name, r in results.items():
+        low, high = r["ratio_quartiles"]
+        table.add_row(
+            name,
+            f"{r['off_step_ms']:.3f} ms",
+            f"{r['on_step_ms']:.3f} ms",
+            f"{r['ratio_median']:.4f}",
+            f"±{r['ratio_standard_error']:.4f}",
+            f"{low:.3f}..{high:.3f}",
+            f"{r['ratio_of_means']:.4f}",
+        )
+    console.print(table)
+    spikewatch = next((r for name, r in results.items() if name.startswith("spikewatch")), None)
+    budget = BUDGET.get(workload.name)
+    if spikewatch is not None and budget is not None and not aa:
+        ratio, error = spikewatch["ratio_median"], spikewatch["ratio_standard_error"]
+        if ratio + 2 * error <= budget:
+            verdict = "meets it"
+        else:
+            verdict = "misses it" if ratio - 2 * error > budget else "is within error of it"
+        console.print(f"Budget x{budget:.2f}: SpikeWatch x{ratio:.4f} ± {error:.4f} {verdict} (two standard errors).")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--workload", default="seed_mlp", choices=sorted(overhead.WORKLOADS))
+    parser.add_argument("--variants", default="spikewatch,empty callback", help="comma-separated; one fit each")
+    parser.add_argument("--pairs", type=int, default=1250, help="pairs of on/off blocks per variant")
+    parser.add_argument("--block", type=int, default=BLOCK, help="steps per block (a multiple of the read period)")
+    parser.add_argument("--skip", type=int, default=200, help="steps before the first block (warm-up)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see interleaved.py)")
+    parser.add_argument("--aa", action="store_true", help="switch nothing: the method's noise floor")
+    parser.add_argument("--out", type=Path, help="write the results as JSON")
+    args = parser.parse_args()
+    if args.accelerator == "cpu":
+        torch.set_num_threads(args.threads)
+    workload = overhead.WORKLOADS[args.workload]
+    names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = [name for name in names if name not in overhead.VARIANTS or name == "bare"]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {[n for n in overhead.VARIANTS if n != 'bare']}")
+    console = Console(width=140)
+    results: dict[str, dict] = {}
+    for index, name in enumerate(names):
+        label = name if name not in results else f"{name} ({index + 1})"
+        pairs = run_pairs(workload, name, args.pairs, args.skip, args.accelerator, args.aa, args.block)
+        results[label + (" (A/A)" if args.aa else "")] = summarise(pairs, args.block)
+    render(workload, results, console, args.block, args.aa)
+    if args.out:
+        report = {
+            "workload": workload.name,
+            "accelerator": args.accelerator,
+            "threads": torch.get_num_threads(),
+            "block_steps": args.block,
+            "aa": args.aa,
+            "results": results,
+        }
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

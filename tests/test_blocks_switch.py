@@ -1,0 +1,58 @@
+"""The on/off switching of ``benchmarks/blocks.py``: an off block runs none of the watcher's step
+hooks and holds none of its references; an on block runs it exactly as it would run unswitched."""
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from blocks import STEP_HOOKS, PairedBlocks, Switch  # noqa: E402
+
+from lightning_spikewatch import SpikeWatch  # noqa: E402
+from tests.e2e.tiny import TinyNet, fit, regression_data, seeded  # noqa: E402
+
+
+class CountingWatch(SpikeWatch):
+    """SpikeWatch that counts the steps its optimizer-step hook saw, and where it held a loss."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen: list[int] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.seen.append(trainer.global_step)
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+
+def test_switch_off_skips_every_step_hook_and_drops_held_references_and_on_restores_them(tmp_path):
+    watch = SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    watch.on_after_backward = None  # as SpikeWatch itself skips unused hooks during fit
+    watch._held_loss, watch._held_lookback = torch.ones(()), ("batch", [torch.zeros(3)])
+    switch = Switch(watch)
+    switch.off()
+    assert all(getattr(watch, name) is None for name in STEP_HOOKS)
+    assert watch._held_loss is None and watch._held_lookback is None
+    switch.off()  # a second off keeps what the first saved
+    switch.on()
+    assert watch.on_after_backward is None  # skipped by the watcher before: still skipped
+    assert watch.on_before_optimizer_step.__func__ is SpikeWatch.on_before_optimizer_step
+    assert "on_before_backward" not in vars(watch)  # the class's hook again, not a copy
+
+
+def test_paired_blocks_run_the_watcher_in_exactly_one_block_of_each_pair(tmp_path):
+    watch = CountingWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    clock = PairedBlocks(Switch(watch), skip=8, device=torch.device("cpu"), block=4)
+    trainer = fit(seeded(TinyNet), regression_data(), [clock, watch])  # 60 steps: 13 blocks after the skip
+    assert isinstance(trainer, pl.Trainer)
+    watched = set(watch.seen)
+    assert set(range(8)) <= watched  # before the first block the watcher is on, as unswitched
+    blocks = [range(start, start + 4) for start in range(8, 60 - 4 + 1, 4)]
+    on = [all(step in watched for step in block) for block in blocks]
+    off = [not any(step in watched for step in block) for block in blocks]
+    assert all(a or b for a, b in zip(on, off))  # a block is wholly on or wholly off
+    for first in range(0, len(blocks) - 1, 2):  # each pair: one on, one off
+        assert on[first] != on[first + 1]
+    assert len(clock.pairs) >= 5 and all(a > 0 and b > 0 for a, b in clock.pairs)
