@@ -1,6 +1,6 @@
 """What a watcher costs per step, timed against itself switched off within one fit.
 
-One fit per variant. Its steps are cut into blocks of 16, taken in pairs: in one block of each pair
+One fit per variant. Its steps are cut into blocks of 32, taken in pairs: in one block of each pair
 the watcher is on, in the other it is off (Lightning then skips all of its per-step hooks, as for a
 Trainer without it), in a random order per pair. The result is the median over pairs of the ratio
 on/off (with its interquartile range and standard error). The two blocks of a pair are adjacent
@@ -10,7 +10,7 @@ method works for large gradients too (the medium MLP), where fits in turns (``in
 disturb each other.
 
     python benchmarks/blocks.py                                   # seed MLP: spikewatch and empty callback
-    python benchmarks/blocks.py --variants "spikewatch,spikewatch,ZClip" --pairs 2500
+    python benchmarks/blocks.py --variants "spikewatch,ZClip" --also-every 16 --pairs 1200
     python benchmarks/blocks.py --workload medium_mlp --pairs 150 --out blocks_cpu_medium.json
 
 ``--aa`` switches nothing (both blocks of a pair on): the noise floor of the method, which should
@@ -19,7 +19,7 @@ print x1.000 within its error.
 A watcher switched off keeps its state; it only stops seeing steps. For SpikeWatch the references it
 holds between steps (the last loss, the gradients kept for the step-before lookback) are dropped
 when it is switched off, so an off block holds nothing more than a bare Trainer does. Each on block
-holds exactly one of SpikeWatch's periodic CPU reads (every 16th step), so their cost is charged to
+holds exactly one of SpikeWatch's periodic CPU reads (every 32nd step), so their cost is charged to
 the steps in between. A median ignores what happens in fewer than half the blocks (the trace flush
 every 512 steps, epoch ends); the ratio of mean block times is printed beside it to show them.
 """
@@ -27,6 +27,7 @@ every 512 steps, epoch ends); the ratio of mean block times is printed beside it
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -204,10 +205,13 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--workload", default="seed_mlp", choices=sorted(overhead.WORKLOADS))
     parser.add_argument("--variants", default="spikewatch,empty callback", help="comma-separated; one fit each")
-    parser.add_argument("--pairs", type=int, default=1250, help="pairs of on/off blocks per variant")
+    parser.add_argument("--pairs", type=int, default=600, help="pairs of on/off blocks per variant")
     parser.add_argument("--block", type=int, default=BLOCK, help="steps per block (a multiple of the read period)")
     parser.add_argument("--skip", type=int, default=200, help="steps before the first block (warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see interleaved.py)")
+    parser.add_argument(
+        "--also-every", type=int, action="append", default=[], help="add SpikeWatch with this baseline_every"
+    )
     parser.add_argument("--aa", action="store_true", help="switch nothing: the method's noise floor")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args()
@@ -215,6 +219,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     workload = overhead.WORKLOADS[args.workload]
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    for every in args.also_every:  # e.g. the CPU read period SpikeWatch had before, for comparison
+        name = f"spikewatch baseline_every={every}"
+        overhead.VARIANTS[name] = functools.partial(overhead.spikewatch_reading_every, every)
+        names.append(name)
     unknown = [name for name in names if name not in overhead.VARIANTS or name == "bare"]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {[n for n in overhead.VARIANTS if n != 'bare']}")

@@ -40,6 +40,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spikewatch import SpikeWatch
+from lightning_spikewatch.callback import CPU_BASELINE_EVERY
 
 for _name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
     logging.getLogger(_name).setLevel(logging.ERROR)
@@ -130,6 +131,12 @@ def spikewatch_every_step() -> pl.Callback:
     )
 
 
+def spikewatch_reading_every(every: int) -> pl.Callback:
+    """SpikeWatch with another CPU read period, to compare periods."""
+    log_dir = tempfile.mkdtemp(prefix="spikewatch_bench_")
+    return SpikeWatch(log_dir=log_dir, baseline_every=every, print_spikes=False, print_summary=False)
+
+
 def spikewatch_skip() -> pl.Callback:
     """SpikeWatch with an action on: the gradient norm is then scored every step as well."""
     return SpikeWatch(
@@ -165,7 +172,7 @@ COMPETITORS = ("grad_norm logging", "SpikeDetection", "ZClip")
 # ---------------------------------------------------------------------------------------- timing
 
 
-BLOCK = 16  # steps per timing block (see StepClock.step_seconds)
+BLOCK = CPU_BASELINE_EVERY  # steps per timing block: one periodic CPU read each (see StepClock.step_seconds)
 
 
 class StepClock(pl.Callback):
@@ -372,7 +379,7 @@ def render(results: list[dict], console: Console) -> None:
         console.print(table)
         console.print(
             "x bare: median block time over bare's, median of the repetitions; fastest blocks: the same from each "
-            "run's fastest 16-step block (other tenants only add time, so it varies less on a busy machine)."
+            f"run's fastest {BLOCK}-step block (other tenants only add time, so it varies less on a busy machine)."
         )
         variants = result["variants"]
         sw = variants["spikewatch"]["ratio_median"]
