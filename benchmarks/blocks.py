@@ -5,13 +5,17 @@ the watcher is on, in the other it is off (Lightning then skips all of its per-s
 Trainer without it), in a random order per pair. The result is the median over pairs of the ratio
 on/off (with its interquartile range and standard error). The two blocks of a pair are adjacent
 steps of one process, one model and one allocator, so the machine's drift, which reaches tens of
-percent within seconds on a shared machine, cancels, and no second fit competes for memory: this
-method works for large gradients too (the medium MLP), where fits in turns (``interleaved.py``)
-disturb each other.
+percent within seconds on a shared machine, cancels, and no second fit competes for the caches.
+
+Meant for models whose gradients are small (the seed MLP). On the CPU SpikeWatch keeps the last
+step's gradients alive into the next step (the step-before lookback), so on and off blocks differ
+in how many sets of gradients are alive; with tens of MB of them (the medium MLP), switching
+between the two moves the allocator's heap back and forth, and the off blocks paid for it:
+SpikeWatch came out x0.90 there (faster than off), while whole runs showed no such speed-up.
+Time such models with ``overhead.py`` (whole runs).
 
     python benchmarks/blocks.py                                   # seed MLP: spikewatch and empty callback
     python benchmarks/blocks.py --variants "spikewatch,ZClip" --also-every 16 --pairs 1200
-    python benchmarks/blocks.py --workload medium_mlp --pairs 150 --out blocks_cpu_medium.json
 
 ``--aa`` switches nothing (both blocks of a pair on): the noise floor of the method, which should
 print x1.000 within its error.
