@@ -1,11 +1,12 @@
 """What a watcher costs per step, timed against itself switched off within one fit.
 
-One fit per variant. Its steps are cut into blocks of 32, taken in pairs: in one block of each pair
-the watcher is on, in the other it is off (Lightning then skips all of its per-step hooks, as for a
-Trainer without it), in a random order per pair. The result is the median over pairs of the ratio
-on/off (with its interquartile range and standard error). The two blocks of a pair are adjacent
-steps of one process, one model and one allocator, so the machine's drift, which reaches tens of
-percent within seconds on a shared machine, cancels, and no second fit competes for the caches.
+One fit per variant. Its steps are cut into blocks of 16 (one CPU read period), taken in pairs: in
+one block of each pair the watcher is on, in the other it is off (Lightning then skips all of its
+per-step hooks, as for a Trainer without it), in a random order per pair. The result is the median
+over pairs of the ratio on/off (with its interquartile range and standard error). The two blocks of
+a pair are adjacent steps of one process, one model and one allocator, so the machine's drift,
+which reaches tens of percent within seconds on a shared machine, cancels, and no second fit
+competes for the caches.
 
 Meant for models whose gradients are small (the seed MLP). On the CPU SpikeWatch keeps the last
 step's gradients alive into the next step (the step-before lookback), so on and off blocks differ
@@ -15,7 +16,7 @@ SpikeWatch came out x0.90 there (faster than off), while whole runs showed no su
 Time such models with ``overhead.py`` (whole runs).
 
     python benchmarks/blocks.py                                   # seed MLP: spikewatch and empty callback
-    python benchmarks/blocks.py --variants "spikewatch,ZClip" --also-every 16 --pairs 1200
+    python benchmarks/blocks.py --variants "spikewatch,ZClip" --also-every 32 --pairs 1200
 
 ``--aa`` switches nothing (both blocks of a pair on): the noise floor of the method, which should
 print x1.000 within its error.
@@ -23,7 +24,7 @@ print x1.000 within its error.
 A watcher switched off keeps its state; it only stops seeing steps. For SpikeWatch the references it
 holds between steps (the last loss, the gradients kept for the step-before lookback) are dropped
 when it is switched off, so an off block holds nothing more than a bare Trainer does. Each on block
-holds exactly one of SpikeWatch's periodic CPU reads (every 32nd step), so their cost is charged to
+holds exactly one of SpikeWatch's periodic CPU reads (every 16th step), so their cost is charged to
 the steps in between. A median ignores what happens in fewer than half the blocks (the trace flush
 every 512 steps, epoch ends); the ratio of mean block times is printed beside it to show them.
 """
@@ -209,7 +210,7 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--workload", default="seed_mlp", choices=sorted(overhead.WORKLOADS))
     parser.add_argument("--variants", default="spikewatch,empty callback", help="comma-separated; one fit each")
-    parser.add_argument("--pairs", type=int, default=600, help="pairs of on/off blocks per variant")
+    parser.add_argument("--pairs", type=int, default=1250, help="pairs of on/off blocks per variant")
     parser.add_argument("--block", type=int, default=BLOCK, help="steps per block (a multiple of the read period)")
     parser.add_argument("--skip", type=int, default=200, help="steps before the first block (warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see interleaved.py)")

@@ -1,4 +1,4 @@
-"""On the CPU, gradient and input norms are read every 32nd step, on spikes, and for the step before
+"""On the CPU, gradient and input norms are read every 16th step, on spikes, and for the step before
 a spike from its kept gradients. These runs check that this finds what reading every step finds."""
 
 import csv
@@ -32,7 +32,7 @@ def planted_data():
     data.y[position(45)] += 30.0  # an outlier target
     rows = slice(position(77, 0), position(78, 0))
     data.x[rows] = data.x[rows] / 1e-4  # a batch normalised with a near-zero std
-    data.y[position(96)] -= 30.0  # an outlier target on a step whose norms are read anyway (96 = 3 x 32)
+    data.y[position(112)] -= 30.0  # an outlier target on a step whose norms are read anyway (112 = 7 x 16)
     return data
 
 
@@ -47,7 +47,7 @@ def test_thinned_reads_find_the_spikes_and_causes_that_reading_every_step_finds(
         thinned.summary()["settings"]["baseline_every"] == CPU_BASELINE_EVERY
         and full.summary()["settings"]["baseline_every"] == 1
     )
-    planted = {(45, "outlier_sample"), (77, "input_scale"), (96, "outlier_sample")}
+    planted = {(45, "outlier_sample"), (77, "input_scale"), (112, "outlier_sample")}
     assert planted <= {(batch, cause) for _, batch, cause in found(full)}
     assert found(thinned) == found(full)
     for a, b in zip(thinned.spikes, full.spikes):
