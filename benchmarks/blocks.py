@@ -18,7 +18,8 @@ Time such models with ``overhead.py`` (whole runs).
     python benchmarks/blocks.py                                   # seed MLP: spikewatch and empty callback
     python benchmarks/blocks.py --variants "spikewatch,ZClip" --also-every 32 --pairs 1200
 
-``--aa`` switches nothing (both blocks of a pair on): the noise floor of the method, which should
+``--switch lookback`` turns only SpikeWatch's step-before lookback off in the off blocks (its cost
+alone). ``--aa`` switches nothing (both blocks of a pair on): the noise floor of the method, which should
 print x1.000 within its error.
 
 A watcher switched off keeps its state; it only stops seeing steps. For SpikeWatch the references it
@@ -94,6 +95,26 @@ class Switch:
         self._saved = None
 
 
+class LookbackSwitch:
+    """Turns only SpikeWatch's step-before lookback off and on (the gradients kept by reference on
+    quiet CPU steps), to time that one part; the rest of SpikeWatch runs in both blocks."""
+
+    def __init__(self, callback: pl.Callback) -> None:
+        if not hasattr(callback, "_looks_back"):
+            raise SystemExit("--switch lookback needs a SpikeWatch variant")
+        self.callback = callback
+
+    def off(self) -> None:
+        self.callback._looks_back = False
+        self.callback._held_lookback = self.callback._lookback = None
+
+    def on(self) -> None:
+        self.callback._looks_back = True
+
+
+SWITCHES = {"hooks": Switch, "lookback": LookbackSwitch}
+
+
 class PairedBlocks(pl.Callback):
     """Times blocks of steps and switches the watcher at each block start, in pairs of on and off.
 
@@ -141,6 +162,7 @@ def run_pairs(
     accelerator: str,
     aa: bool = False,
     block: int = BLOCK,
+    switch: str = "hooks",
 ) -> list[tuple[float, float]]:
     """One fit of ``variant``, switched on and off block by block; the (on, off) block times."""
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
@@ -148,7 +170,7 @@ def run_pairs(
     watcher = overhead.VARIANTS[variant]()
     if watcher is None:
         raise SystemExit(f"{variant!r} is not available here (is its package installed?)")
-    clock = PairedBlocks(None if aa else Switch(watcher), skip, device, block)
+    clock = PairedBlocks(None if aa else SWITCHES[switch](watcher), skip, device, block)
     gc.collect()
     trainer = overhead.quiet_trainer(steps, accelerator, [clock, watcher])
     trainer.fit(workload.model(), workload.loader(steps))
@@ -217,6 +239,9 @@ def main() -> None:
     parser.add_argument(
         "--also-every", type=int, action="append", default=[], help="add SpikeWatch with this baseline_every"
     )
+    parser.add_argument(
+        "--switch", default="hooks", choices=sorted(SWITCHES), help="what is off: all step hooks, or the lookback only"
+    )
     parser.add_argument("--aa", action="store_true", help="switch nothing: the method's noise floor")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args()
@@ -235,9 +260,10 @@ def main() -> None:
     results: dict[str, dict] = {}
     for index, name in enumerate(names):
         label = name if name not in results else f"{name} ({index + 1})"
-        pairs = run_pairs(workload, name, args.pairs, args.skip, args.accelerator, args.aa, args.block)
-        results[label + (" (A/A)" if args.aa else "")] = summarise(pairs, args.block)
-    render(workload, results, console, args.block, args.aa)
+        pairs = run_pairs(workload, name, args.pairs, args.skip, args.accelerator, args.aa, args.block, args.switch)
+        suffix = " (A/A)" if args.aa else "" if args.switch == "hooks" else f" ({args.switch} only)"
+        results[label + suffix] = summarise(pairs, args.block)
+    render(workload, results, console, args.block, args.aa or args.switch != "hooks")
     if args.out:
         report = {
             "workload": workload.name,
@@ -245,6 +271,7 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "block_steps": args.block,
             "aa": args.aa,
+            "switch": args.switch,
             "results": results,
         }
         args.out.write_text(json.dumps(report, indent=2))

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from blocks import STEP_HOOKS, PairedBlocks, Switch  # noqa: E402
+from blocks import STEP_HOOKS, LookbackSwitch, PairedBlocks, Switch  # noqa: E402
 
 from lightning_spikewatch import SpikeWatch  # noqa: E402
 from tests.e2e.tiny import TinyNet, fit, regression_data, seeded  # noqa: E402
@@ -56,3 +56,14 @@ def test_paired_blocks_run_the_watcher_in_exactly_one_block_of_each_pair(tmp_pat
     for first in range(0, len(blocks) - 1, 2):  # each pair: one on, one off
         assert on[first] != on[first + 1]
     assert len(clock.pairs) >= 5 and all(a > 0 and b > 0 for a, b in clock.pairs)
+
+
+def test_lookback_switch_turns_only_the_lookback_off_and_drops_the_kept_gradients(tmp_path):
+    watch = SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    watch._looks_back, watch._held_lookback = True, ("batch", [torch.zeros(3)])
+    switch = LookbackSwitch(watch)
+    switch.off()
+    assert watch._looks_back is False and watch._held_lookback is None and watch._lookback is None
+    assert "on_before_optimizer_step" not in vars(watch)  # the hooks still run
+    switch.on()
+    assert watch._looks_back is True
