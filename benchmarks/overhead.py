@@ -485,10 +485,16 @@ PARTS = {  # where SpikeWatch's per-step time goes; indented names run inside th
     "on_before_backward": "hook: keep the loss",
     "on_before_optimizer_step": "hook: the step's work",
     "_settle_quietly": "  quiet step: settled by the bound (step, size, lr, gradients kept)",
+    "_size_of": "    the batch size",
     "_lean_general_step": "  general step: warm-up, every n-th step, near-spikes",
     "_catch_up": "    settled steps scored in order, their trace rows",
+    "observe_settled": "      detector: robust z of the settled losses",
+    "write_settled": "      their steps.csv rows",
     "_read_step": "    fused gradient + input norms and their transfer",
-    "observe_quietly": "    detector: robust z of this step's loss",
+    "_read_batch": "      the batch's input tensors",
+    "_evaluate_read": "    layer history, detector and trace of this step",
+    "observe_quietly": "      detector: robust z of this step's loss",
+    "_plan_quiet_steps": "    the quiet bound for the next steps",
     "on_train_batch_end": "hook: spikes completed, loggers (skipped while idle)",
 }
 
@@ -501,11 +507,12 @@ def part_costs(workload: Workload, accelerator: str, skip: int, console: Console
     """
     from lightning_spikewatch.callback import _SpikeWatchHooks
     from lightning_spikewatch.detector import SpikeDetector
+    from lightning_spikewatch.export import SpikeLog
 
     spent: dict[str, list[int]] = {name: [] for name in PARTS}
     originals = {}
     for name in PARTS:
-        owner = SpikeDetector if name == "observe_quietly" else _SpikeWatchHooks
+        owner = next(cls for cls in (_SpikeWatchHooks, SpikeDetector, SpikeLog) if hasattr(cls, name))
         original = originals[name] = (owner, getattr(owner, name))
 
         def timed(*args, _name=name, _original=original[1], **kwargs):
@@ -559,10 +566,19 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=30, help="steps left out of the timing at the start of each fit")
     parser.add_argument("--scaling", action="store_true", help="also run 10x the steps")
     parser.add_argument("--parts", action="store_true", help="also time SpikeWatch's parts inside the loop")
+    parser.add_argument("--parts-only", action="store_true", help="only time SpikeWatch's parts (seconds, not minutes)")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     console = Console(width=None if sys.stdout.isatty() else 120)  # whole table rows in a log file
+    if args.parts_only:
+        parts = {
+            name: part_costs(WORKLOADS[name], args.accelerator, args.skip, console)
+            for name in args.workloads.split(",")
+        }
+        if args.out:
+            args.out.write_text(json.dumps({"accelerator": args.accelerator, "parts": parts}, indent=2))
+        return
     results = []
     for name in args.workloads.split(","):
         workload = WORKLOADS[name]
