@@ -40,7 +40,6 @@ import math
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -121,7 +120,7 @@ class PairedBlocks(pl.Callback):
     Listed before the watcher, so a block starts before any of the watcher's hooks of that step."""
 
     def __init__(
-        self, switch: Switch | None, skip: int, device: torch.device, block: int = BLOCK, seed: int = 0
+        self, switch: Switch | LookbackSwitch | None, skip: int, device: torch.device, block: int = BLOCK, seed: int = 0
     ) -> None:
         self.switch, self.skip, self.device, self.block = switch, skip, device, block
         self.pairs: list[tuple[float, float]] = []  # (on, off) block seconds
@@ -131,16 +130,11 @@ class PairedBlocks(pl.Callback):
         self._state: bool | None = None
         self._start = 0.0
 
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = trainer.global_step
         if step < self.skip or (step - self.skip) % self.block:
             return
-        now = self._now()
+        now = overhead.synced_now(self.device)
         if self._state is not None:
             self._pair[self._state] = now - self._start
         if not self._plan:
@@ -151,7 +145,7 @@ class PairedBlocks(pl.Callback):
         self._state = self._plan.pop()
         if self.switch is not None:
             (self.switch.on if self._state else self.switch.off)()
-        self._start = self._now()
+        self._start = overhead.synced_now(self.device)
 
 
 def run_pairs(

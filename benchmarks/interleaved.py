@@ -37,7 +37,6 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -94,11 +93,6 @@ class BlockClock(pl.Callback):
         self.blocks: list[float] = []
         self._start: float | None = None
 
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
     def on_train_start(self, trainer, pl_module):
         self.baton.wait(self.name)  # set-up runs side by side; the steps only in turn
 
@@ -106,12 +100,12 @@ class BlockClock(pl.Callback):
         step = trainer.global_step
         if step < self.skip or (step - self.skip) % BLOCK:
             return
-        now = self._now()
+        now = overhead.synced_now(self.device)
         if self._start is not None:
             self.blocks.append(now - self._start)
         self.baton.pass_on(self.name)
         self.baton.wait(self.name)
-        self._start = self._now()
+        self._start = overhead.synced_now(self.device)
 
 
 def earlier_spikewatch(revision: str) -> type:

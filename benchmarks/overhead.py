@@ -172,6 +172,13 @@ COMPETITORS = ("grad_norm logging", "SpikeDetection", "ZClip")
 # ---------------------------------------------------------------------------------------- timing
 
 
+def synced_now(device: torch.device) -> float:
+    """The time once the device's queued work is done (on a GPU kernels run after their launch)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 BLOCK = CPU_BASELINE_EVERY  # steps per timing block: one periodic CPU read each (see StepClock.step_seconds)
 
 
