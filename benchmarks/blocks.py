@@ -18,9 +18,12 @@ Time such models with ``overhead.py`` (whole runs).
     python benchmarks/blocks.py                                   # seed MLP: spikewatch and empty callback
     python benchmarks/blocks.py --variants "spikewatch,ZClip" --also-every 32 --pairs 1200
 
-``--switch lookback`` turns only SpikeWatch's step-before lookback off in the off blocks (its cost
-alone). ``--aa`` switches nothing (both blocks of a pair on): the noise floor of the method, which should
-print x1.000 within its error.
+``--switch`` picks what the off blocks leave out, to time one part of SpikeWatch within its fit:
+``lookback`` its step-before lookback alone; ``floor`` all of its work but the least any loss watcher
+does (keep the loss, one ``item()``: the two hook calls are paid in both blocks); ``period`` reads
+every 16th step against every 64th (with ``--block 64``); ``general`` its general steps (every step
+settled by its loss alone, no periodic read or catch-up). ``--aa`` switches nothing (both blocks of
+a pair on): the noise floor of the method, which should print x1.000 within its error.
 
 A watcher switched off keeps its state; it only stops seeing steps. For SpikeWatch the references it
 holds between steps (the last loss, the gradients kept for the step-before lookback) are dropped
@@ -41,6 +44,7 @@ import random
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -111,7 +115,92 @@ class LookbackSwitch:
         self.callback._looks_back = True
 
 
-SWITCHES = {"hooks": Switch, "lookback": LookbackSwitch}
+class FloorSwitch(Switch):
+    """Off: the watcher's step hooks replaced by the least a loss watcher does (keep the loss at
+    backward, read it with one ``item()`` at the optimizer step): on against off is then the watcher's
+    own work, without the cost of Lightning calling two hooks, which both blocks pay."""
+
+    def off(self) -> None:
+        if self._saved is not None:
+            return
+        super().off()
+        held: list[torch.Tensor | None] = [None]
+
+        def keep_loss(trainer, pl_module, loss):
+            if held[0] is None:
+                held[0] = loss
+
+        def read_loss(trainer, pl_module, optimizer):
+            loss, held[0] = held[0], None
+            if loss is not None:
+                loss.item()  # the one transfer to the host
+
+        self.callback.on_before_backward = keep_loss
+        self.callback.on_before_optimizer_step = read_loss
+
+
+class PeriodSwitch:
+    """SpikeWatch reading gradient and input norms every 16th step (on) or every 64th (off): what the
+    periodic read and the catch-up with it cost. Use with ``--block 64``."""
+
+    SLOW = 4  # the off blocks read this many times less often
+
+    def __init__(self, callback: pl.Callback) -> None:
+        if not hasattr(callback, "_every"):
+            raise SystemExit("--switch period needs a SpikeWatch variant")
+        self.callback = callback
+        self.every = overhead.CPU_BASELINE_EVERY
+
+    def off(self) -> None:
+        self.callback._every = self.every * self.SLOW
+
+    def on(self) -> None:
+        watch = self.callback
+        watch._every = self.every
+        # Steps planned under the longer period: settle no more of them than this period allows (the
+        # bound planned for more steps holds for fewer), so the next read comes when it is due.
+        watch._quiet_left = min(watch._quiet_left, -watch.steps_watched % self.every)
+
+
+class GeneralSwitch:
+    """SpikeWatch as it runs (on), or settling every step by its loss alone with no general step, no
+    periodic read and no catch-up (off): what the general steps cost, the quiet steps paid in both."""
+
+    def __init__(self, callback: pl.Callback) -> None:
+        if not hasattr(callback, "_settle_quietly"):
+            raise SystemExit("--switch general needs a SpikeWatch variant")
+        self.callback = callback
+
+    def off(self) -> None:
+        watch = self.callback
+
+        def settle_every_step(trainer, pl_module, optimizer):
+            loss, watch._held_loss = watch._held_loss, None
+            if loss is None or watch._loop_batch is None:
+                return
+            results, progress = watch._loop_batch
+            watch._held_batch, watch._held_idx = results.batch, progress.ready - 1
+            if len(watch._settled) >= overhead.CPU_BASELINE_EVERY:
+                watch._settled.clear()  # not caught up: dropped, so memory stays as bounded as when on
+            watch._settle_quietly(loss.item(), optimizer)
+
+        watch.on_before_optimizer_step = settle_every_step
+
+    def on(self) -> None:
+        watch = self.callback
+        watch.__dict__.pop("on_before_optimizer_step", None)
+        watch._settled.clear()  # the off blocks' steps are not observed: the detector's windows skip them
+        watch._held_lookback = None
+        watch._quiet_left = 0  # the next step is a general one, as after any step the bound did not settle
+
+
+SWITCHES = {
+    "hooks": Switch,
+    "lookback": LookbackSwitch,
+    "floor": FloorSwitch,
+    "period": PeriodSwitch,
+    "general": GeneralSwitch,
+}
 
 
 class PairedBlocks(pl.Callback):
@@ -119,9 +208,7 @@ class PairedBlocks(pl.Callback):
 
     Listed before the watcher, so a block starts before any of the watcher's hooks of that step."""
 
-    def __init__(
-        self, switch: Switch | LookbackSwitch | None, skip: int, device: torch.device, block: int = BLOCK, seed: int = 0
-    ) -> None:
+    def __init__(self, switch: Any, skip: int, device: torch.device, block: int = BLOCK, seed: int = 0) -> None:
         self.switch, self.skip, self.device, self.block = switch, skip, device, block
         self.pairs: list[tuple[float, float]] = []  # (on, off) block seconds
         self._random = random.Random(seed)
@@ -234,13 +321,19 @@ def main() -> None:
         "--also-every", type=int, action="append", default=[], help="add SpikeWatch with this baseline_every"
     )
     parser.add_argument(
-        "--switch", default="hooks", choices=sorted(SWITCHES), help="what is off: all step hooks, or the lookback only"
+        "--switch",
+        default="hooks",
+        choices=sorted(SWITCHES),
+        help="what is off: all step hooks; the lookback; all but the least a loss watcher does (floor); "
+        "reads every 16th step against every 64th (period); the general steps",
     )
     parser.add_argument("--aa", action="store_true", help="switch nothing: the method's noise floor")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args()
     if args.accelerator == "cpu":
         torch.set_num_threads(args.threads)
+    if args.switch == "period" and args.block % (BLOCK * PeriodSwitch.SLOW):
+        raise SystemExit(f"--switch period needs --block a multiple of {BLOCK * PeriodSwitch.SLOW}")
     workload = overhead.WORKLOADS[args.workload]
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     for every in args.also_every:  # e.g. the CPU read period SpikeWatch had before, for comparison

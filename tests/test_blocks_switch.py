@@ -9,7 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from blocks import STEP_HOOKS, LookbackSwitch, PairedBlocks, Switch  # noqa: E402
+import overhead  # noqa: E402
+from blocks import STEP_HOOKS, FloorSwitch, GeneralSwitch, LookbackSwitch, PairedBlocks, PeriodSwitch, Switch  # noqa: E402
 
 from lightning_spikewatch import SpikeWatch  # noqa: E402
 from tests.e2e.tiny import TinyNet, fit, regression_data, seeded  # noqa: E402
@@ -67,3 +68,69 @@ def test_lookback_switch_turns_only_the_lookback_off_and_drops_the_kept_gradient
     assert "on_before_optimizer_step" not in vars(watch)  # the hooks still run
     switch.on()
     assert watch._looks_back is True
+
+
+class CountingGeneral(SpikeWatch):
+    """SpikeWatch that records the step of each general (not quietly settled) lean-path step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.general: list[int] = []
+
+    def _lean_general_step(self, trainer, *args):
+        self.general.append(trainer.global_step)
+        super()._lean_general_step(trainer, *args)
+
+
+def _per_block(steps: list[int], skip: int, block: int, total: int) -> list[int]:
+    return [sum(start <= s < start + block for s in steps) for start in range(skip, total - block + 1, block)]
+
+
+def test_floor_switch_leaves_only_keeping_the_loss_and_one_read_of_it(tmp_path):
+    watch = SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    watch._held_loss = torch.ones(())
+    switch = FloorSwitch(watch)
+    switch.off()
+    kept, read = watch.on_before_backward, watch.on_before_optimizer_step
+    assert (
+        callable(kept) and callable(read) and getattr(read, "__func__", None) is not SpikeWatch.on_before_optimizer_step
+    )
+    assert all(
+        getattr(watch, name) is None
+        for name in STEP_HOOKS
+        if name not in ("on_before_backward", "on_before_optimizer_step")
+    )
+    assert watch._held_loss is None
+    kept(None, None, torch.tensor(2.0))
+    read(None, None, None)  # reads the kept loss, touches none of SpikeWatch's state
+    assert watch.steps_watched == 0
+    switch.on()
+    assert "on_before_backward" not in vars(watch) and "on_before_optimizer_step" not in vars(watch)
+
+
+def _fit_seed_mlp(callbacks: list, steps: int) -> None:
+    """The benchmark's own workload: its losses settle quietly, so every general step is a due read."""
+    workload = overhead.WORKLOADS["seed_mlp"]
+    overhead.quiet_trainer(steps, "cpu", callbacks).fit(workload.model(), workload.loader(steps))
+
+
+def test_period_switch_reads_four_times_as_often_in_on_blocks(tmp_path):
+    watch = CountingGeneral(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    clock = PairedBlocks(PeriodSwitch(watch), skip=40, device=torch.device("cpu"), block=64)
+    _fit_seed_mlp([clock, watch], 360)  # 5 blocks of 64 after the skip
+    counts = _per_block(watch.general, 40, 64, 360)
+    assert sorted(set(counts)) in ([1, 2, 4], [1, 4], [2, 4])  # on: every 16th step; off: every 64th
+    for first in range(0, len(counts) - 1, 2):  # one block of each pair reads every 16th step
+        assert (counts[first] == 4) != (counts[first + 1] == 4)
+    assert all(step % 16 == 0 for step in watch.general if step >= 40)
+
+
+def test_general_switch_settles_every_step_of_an_off_block_and_resumes_reading_when_on(tmp_path):
+    watch = CountingGeneral(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    clock = PairedBlocks(GeneralSwitch(watch), skip=40, device=torch.device("cpu"), block=16)
+    _fit_seed_mlp([clock, watch], 200)  # 10 blocks of 16 after the skip
+    counts = _per_block(watch.general, 40, 16, 200)
+    for first in range(0, len(counts) - 1, 2):  # one block of each pair reads, the other none at all
+        assert sorted([counts[first], counts[first + 1]]) == [0, 2]  # on: at once, then when due
+    assert len(watch._settled) <= 16  # memory stays bounded in the off blocks
+    assert watch.steps_watched == 200  # every step seen, whether read or settled
