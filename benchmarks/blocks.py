@@ -170,9 +170,14 @@ class GeneralSwitch:
         if not hasattr(callback, "_settle_quietly"):
             raise SystemExit("--switch general needs a SpikeWatch variant")
         self.callback = callback
+        self._off, self._left = False, 0
 
     def off(self) -> None:
+        if self._off:  # the next block is off too: keep what the first saved
+            return
+        self._off = True
         watch = self.callback
+        self._left = watch._quiet_left  # steps the last planned bound still covers (nothing is pushed while off)
 
         def settle_every_step(trainer, pl_module, optimizer):
             loss, watch._held_loss = watch._held_loss, None
@@ -187,11 +192,16 @@ class GeneralSwitch:
         watch.on_before_optimizer_step = settle_every_step
 
     def on(self) -> None:
+        if not self._off:
+            return
+        self._off = False
         watch = self.callback
         watch.__dict__.pop("on_before_optimizer_step", None)
         watch._settled.clear()  # the off blocks' steps are not observed: the detector's windows skip them
         watch._held_lookback = None
-        watch._quiet_left = 0  # the next step is a general one, as after any step the bound did not settle
+        # The windows did not move while off, so the bound still holds for the steps it was planned for:
+        # read when due (one general step per read period, as unswitched), or at once if none are left.
+        watch._quiet_left = max(0, min(self._left, -watch.steps_watched % overhead.CPU_BASELINE_EVERY))
 
 
 SWITCHES = {
