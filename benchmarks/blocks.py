@@ -69,6 +69,13 @@ STEP_HOOKS = (
 HELD_BETWEEN_STEPS = ("_held_loss", "_held_lookback", "_lookback")  # SpikeWatch's references across steps
 
 
+def _spikewatch_only(callback: pl.Callback, switch: str, attribute: str) -> pl.Callback:
+    """The callback, if it is SpikeWatch (it has ``attribute``): the part switches reach into its state."""
+    if not hasattr(callback, attribute):
+        raise SystemExit(f"--switch {switch} needs a SpikeWatch variant")
+    return callback
+
+
 class Switch:
     """Turns a callback's per-step hooks off (``None`` on the instance: Lightning skips a hook that is
     not callable) and back on exactly as they were, including hooks the callback skips itself."""
@@ -103,9 +110,7 @@ class LookbackSwitch:
     quiet CPU steps), to time that one part; the rest of SpikeWatch runs in both blocks."""
 
     def __init__(self, callback: pl.Callback) -> None:
-        if not hasattr(callback, "_looks_back"):
-            raise SystemExit("--switch lookback needs a SpikeWatch variant")
-        self.callback = callback
+        self.callback = _spikewatch_only(callback, "lookback", "_looks_back")
 
     def off(self) -> None:
         self.callback._looks_back = False
@@ -146,9 +151,7 @@ class PeriodSwitch:
     SLOW = 4  # the off blocks read this many times less often
 
     def __init__(self, callback: pl.Callback) -> None:
-        if not hasattr(callback, "_every"):
-            raise SystemExit("--switch period needs a SpikeWatch variant")
-        self.callback = callback
+        self.callback = _spikewatch_only(callback, "period", "_every")
         self.every = overhead.CPU_BASELINE_EVERY
 
     def off(self) -> None:
@@ -167,9 +170,7 @@ class GeneralSwitch:
     periodic read and no catch-up (off): what the general steps cost, the quiet steps paid in both."""
 
     def __init__(self, callback: pl.Callback) -> None:
-        if not hasattr(callback, "_settle_quietly"):
-            raise SystemExit("--switch general needs a SpikeWatch variant")
-        self.callback = callback
+        self.callback = _spikewatch_only(callback, "general", "_settle_quietly")
         self._off, self._left = False, 0
 
     def off(self) -> None:

@@ -124,17 +124,15 @@ def spikewatch() -> pl.Callback:
     return SpikeWatch(log_dir=tempfile.mkdtemp(prefix="spikewatch_bench_"), print_spikes=False, print_summary=False)
 
 
-def spikewatch_every_step() -> pl.Callback:
-    """SpikeWatch reading gradient and input norms on every step, as it does on accelerators."""
-    return SpikeWatch(
-        log_dir=tempfile.mkdtemp(prefix="spikewatch_bench_"), baseline_every=1, print_spikes=False, print_summary=False
-    )
-
-
 def spikewatch_reading_every(every: int) -> pl.Callback:
     """SpikeWatch with another CPU read period, to compare periods."""
     log_dir = tempfile.mkdtemp(prefix="spikewatch_bench_")
     return SpikeWatch(log_dir=log_dir, baseline_every=every, print_spikes=False, print_summary=False)
+
+
+def spikewatch_every_step() -> pl.Callback:
+    """SpikeWatch reading gradient and input norms on every step, as it does on accelerators."""
+    return spikewatch_reading_every(1)
 
 
 def spikewatch_skip() -> pl.Callback:
