@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
@@ -54,6 +55,10 @@ def main(out: Path, action: str | None) -> None:
         "weights": [float(p.double().sum()) for p in trainer.lightning_module.parameters()],
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    # Lightning leaves the process group up after fit; left to interpreter shutdown, gloo's worker
+    # threads can abort the process ("terminate called without an active exception", exit -6).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
