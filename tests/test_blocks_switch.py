@@ -10,7 +10,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import overhead  # noqa: E402
-from blocks import STEP_HOOKS, FloorSwitch, GeneralSwitch, LookbackSwitch, PairedBlocks, PeriodSwitch, Switch  # noqa: E402
+from blocks import (  # noqa: E402
+    STEP_HOOKS,
+    FloorSwitch,
+    GeneralSwitch,
+    LookbackSwitch,
+    OwnWorkSwitch,
+    PairedBlocks,
+    PeriodSwitch,
+    Switch,
+)
 
 from lightning_spikewatch import SpikeWatch  # noqa: E402
 from tests.e2e.tiny import TinyNet, fit, regression_data, seeded  # noqa: E402
@@ -135,3 +144,49 @@ def test_general_switch_settles_every_step_of_an_off_block_and_resumes_reading_w
     assert all(step % 16 == 0 for step in watch.general if step >= 40)  # at the read period, as unswitched
     assert len(watch._settled) <= 16  # memory stays bounded in the off blocks
     assert watch.steps_watched == 200  # every step seen, whether read or settled
+
+
+class HeldGradients(pl.Callback):
+    """Records, at each backward, whether the last step's gradients are still alive (held by someone)."""
+
+    def __init__(self, watch: SpikeWatch):
+        self.watch, self.alive = watch, {}
+        self._refs: list = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        import weakref
+
+        self._refs = [weakref.ref(p.grad) for p in pl_module.parameters() if p.grad is not None]
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        # Lightning has dropped the gradients at zero_grad: what is still alive is held by a watcher.
+        self.alive[trainer.global_step] = bool(self._refs) and all(r() is not None for r in self._refs)
+
+
+def test_own_work_switch_does_none_of_spikewatchs_work_off_yet_holds_the_gradients_as_the_lookback(tmp_path):
+    watch = CountingGeneral(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    probe = HeldGradients(watch)
+    switch = OwnWorkSwitch(watch)
+    clock = PairedBlocks(switch, skip=40, device=torch.device("cpu"), block=16)
+    _fit_seed_mlp([clock, watch, probe], 200)  # 10 blocks of 16 after the skip
+    counts = _per_block(watch.general, 40, 16, 200)
+    for first in range(0, len(counts) - 1, 2):  # one block of each pair runs SpikeWatch, the other none of it
+        assert sorted([counts[first], counts[first + 1]]) == [0, 1]
+    assert watch.steps_watched < 200  # the off blocks' steps were not watched
+    # Gradients are held into the next step in the off blocks as in the on blocks: always, but after a
+    # read step (every 16th, whose norms SpikeWatch keeps instead) and at a block's first step, where
+    # the switch drops what the other block held.
+    dropped = {step for step in range(40, 200) if probe.alive[step] is False}
+    assert dropped, "the probe sees gradients go"
+    assert all((step - 40) % 16 == 0 or (step - 1) % 16 == 0 for step in dropped)
+
+
+def test_own_work_switch_holds_nothing_for_a_watcher_that_does_not_look_back(tmp_path):
+    watch = SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    watch._looks_back = False
+    switch = OwnWorkSwitch(watch)
+    switch.off()
+    read = watch.on_before_optimizer_step
+    assert read.__qualname__.startswith("FloorSwitch")  # the floor's own read, nothing more
+    switch.on()
+    assert "on_before_optimizer_step" not in vars(watch)
