@@ -13,10 +13,13 @@ step's gradients alive into the next step (the step-before lookback), so on and 
 in how many sets of gradients are alive; with tens of MB of them (the medium MLP), switching
 between the two moves the allocator's heap back and forth, and the off blocks paid for it:
 SpikeWatch came out x0.90 there (faster than off), while whole runs showed no such speed-up.
-Time such models with ``overhead.py`` (whole runs).
+For such models ``--switch own`` times SpikeWatch's own work (its off blocks hold the gradients as
+the lookback does, so both heaps are alike; what holding them costs is left out), and
+``overhead.py`` (whole runs) the rest, less precisely.
 
     python benchmarks/blocks.py                                   # seed MLP: spikewatch and empty callback
     python benchmarks/blocks.py --variants "spikewatch,ZClip" --also-every 32 --pairs 1200
+    python benchmarks/blocks.py --workload medium_mlp --switch own --variants spikewatch --pairs 400
 
 ``--switch`` picks what the off blocks leave out, to time one part of SpikeWatch within its fit:
 ``lookback`` its step-before lookback alone; ``floor`` all of its work but the least any loss watcher
