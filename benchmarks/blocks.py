@@ -156,11 +156,14 @@ class OwnWorkSwitch(FloorSwitch):
     answer to one more set of gradients coming and going, which moves big models' heaps (the module
     docstring): the switch for the medium MLP. What holding that set costs is not in it."""
 
+    def __init__(self, callback: pl.Callback) -> None:
+        super().__init__(_spikewatch_only(callback, "own", "_looks_back"))
+
     def off(self) -> None:
         if self._saved is not None:
             return
         super().off()
-        watch = _spikewatch_only(self.callback, "own", "_looks_back")
+        watch = self.callback
         if not watch._looks_back:
             return
         params, read_loss, kept, every = watch._grads.params, watch.on_before_optimizer_step, [None], watch._every

@@ -2,6 +2,7 @@
 hooks and holds none of its references; an on block runs it exactly as it would run unswitched."""
 
 import sys
+import weakref
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -149,13 +150,11 @@ def test_general_switch_settles_every_step_of_an_off_block_and_resumes_reading_w
 class HeldGradients(pl.Callback):
     """Records, at each backward, whether the last step's gradients are still alive (held by someone)."""
 
-    def __init__(self, watch: SpikeWatch):
-        self.watch, self.alive = watch, {}
+    def __init__(self):
+        self.alive: dict[int, bool] = {}
         self._refs: list = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        import weakref
-
         self._refs = [weakref.ref(p.grad) for p in pl_module.parameters() if p.grad is not None]
 
     def on_before_backward(self, trainer, pl_module, loss):
@@ -165,7 +164,7 @@ class HeldGradients(pl.Callback):
 
 def test_own_work_switch_does_none_of_spikewatchs_work_off_yet_holds_the_gradients_as_the_lookback(tmp_path):
     watch = CountingGeneral(log_dir=tmp_path, print_spikes=False, print_summary=False)
-    probe = HeldGradients(watch)
+    probe = HeldGradients()
     switch = OwnWorkSwitch(watch)
     clock = PairedBlocks(switch, skip=40, device=torch.device("cpu"), block=16)
     _fit_seed_mlp([clock, watch, probe], 200)  # 10 blocks of 16 after the skip
