@@ -13,6 +13,12 @@ Needs valgrind with its header ``valgrind/callgrind.h`` (Debian's ``valgrind`` p
 compiler: a four-line helper library switches counting on at step ``--skip`` and off when training
 ends, so imports, set-up and warm-up are not counted. Each variant runs in its own process under
 valgrind (about a minute each on the seed MLP), as many at a time as there are CPUs.
+
+``--cache-sim`` also simulates the caches (callgrind ``--cache-sim=yes``, a last level of ``--ll-mb``
+MB, default 1, this machine's L2 per core) and adds the last-level misses per step: what costs time
+beyond the instructions, such as memory that torch's kernels find cold. About three times slower.
+
+    python benchmarks/instructions.py --variants bare,spikewatch --cache-sim
 """
 
 from __future__ import annotations
@@ -68,13 +74,18 @@ def child(variant: str, workload_name: str, steps: int, skip: int, helper: str) 
     trainer.fit(workload.model(), workload.loader(skip + steps))
 
 
-def count(variant: str, workload: str, steps: int, skip: int, helper: Path, folder: Path) -> int | None:
-    """Instructions executed in the counted steps of one variant (None if it is not installed)."""
+def count(
+    variant: str, workload: str, steps: int, skip: int, helper: Path, folder: Path, ll_mb: float | None = None
+) -> dict[str, int] | None:
+    """Events in the counted steps of one variant: instructions (``Ir``) and, with a simulated last
+    level of ``ll_mb`` MB, its misses (``ILmr``, ``DLmr``, ``DLmw``); None if it is not installed."""
     out = folder / f"callgrind.{re.sub(r'[^A-Za-z0-9]+', '_', variant)}"
+    cache = [] if ll_mb is None else ["--cache-sim=yes", f"--LL={int(ll_mb * 2**20)},16,64"]
     command = [
         "valgrind",
         "--tool=callgrind",
         "--instr-atstart=no",
+        *cache,
         f"--callgrind-out-file={out}",
         sys.executable,
         str(Path(__file__).resolve()),
@@ -95,8 +106,13 @@ def count(variant: str, workload: str, steps: int, skip: int, helper: Path, fold
     dump = Path(f"{out}.1")  # the first dump: the one counting_off asked for
     if done.returncode != 0 or not dump.exists():
         raise RuntimeError(f"{variant}: valgrind run failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
-    match = re.search(r"^summary:\s*(\d+)", dump.read_text(), re.MULTILINE)
-    return int(match.group(1))
+    text = dump.read_text()
+    names = re.search(r"^events:\s*(.+)$", text, re.MULTILINE).group(1).split()
+    values = re.search(r"^summary:\s*(.+)$", text, re.MULTILINE).group(1).split()
+    return dict(zip(names, map(int, values)))
+
+
+LAST_LEVEL_MISSES = ("ILmr", "DLmr", "DLmw")
 
 
 def main() -> None:
@@ -106,6 +122,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=128, help="counted steps (a multiple of 16 charges periodic work)")
     parser.add_argument("--skip", type=int, default=40, help="steps run before counting starts")
     parser.add_argument("--out", type=Path, help="write the counts as JSON")
+    parser.add_argument("--cache-sim", action="store_true", help="also count simulated last-level cache misses")
+    parser.add_argument("--ll-mb", type=float, default=1.0, help="simulated last-level cache size in MB")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--helper", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -124,24 +142,40 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="spikewatch_instructions_"))
     helper = build_helper(folder)
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        futures = {n: pool.submit(count, n, args.workload, args.steps, args.skip, helper, folder) for n in names}
+        ll_mb = args.ll_mb if args.cache_sim else None
+        futures = {n: pool.submit(count, n, args.workload, args.steps, args.skip, helper, folder, ll_mb) for n in names}
         totals = {n: f.result() for n, f in futures.items()}
-    per_step = {n: t / args.steps for n, t in totals.items() if t is not None}
+    per_step = {n: {k: v / args.steps for k, v in t.items()} for n, t in totals.items() if t is not None}
+    for events in per_step.values():
+        if args.cache_sim:
+            events["LL misses"] = sum(events[k] for k in LAST_LEVEL_MISSES)
     bare = per_step["bare"]
+    cache = f", {args.ll_mb:g} MB last level simulated" if args.cache_sim else ""
     table = Table(
-        title=f"{args.workload}: instructions per step, callgrind, {args.steps} steps after {args.skip}",
+        title=f"{args.workload}: per step, callgrind, {args.steps} steps after {args.skip}{cache}",
         title_justify="left",
     )
-    for column in ("variant", "instructions per step", "added over bare", "x bare"):
+    columns = ["variant", "instructions per step", "added over bare", "x bare"]
+    if args.cache_sim:
+        columns += ["LL misses per step", "added over bare "] + [f"{k} added" for k in LAST_LEVEL_MISSES]
+    for column in columns:
         table.add_column(column, justify="left" if column == "variant" else "right")
     rows = {}
-    for name, value in per_step.items():
-        rows[name] = {"per_step": value, "added": value - bare, "ratio": value / bare}
-        table.add_row(name, f"{value / 1e3:,.1f} k", f"{(value - bare) / 1e3:+,.1f} k", f"{value / bare:.4f}")
-    console = Console(width=None if sys.stdout.isatty() else 120)
+    for name, events in per_step.items():
+        value, base = events["Ir"], bare["Ir"]
+        rows[name] = {"per_step": value, "added": value - base, "ratio": value / base}
+        cells = [name, f"{value / 1e3:,.1f} k", f"{(value - base) / 1e3:+,.1f} k", f"{value / base:.4f}"]
+        if args.cache_sim:
+            rows[name]["misses"] = {k: events[k] for k in (*LAST_LEVEL_MISSES, "LL misses")}
+            cells += [f"{events['LL misses']:,.0f}", f"{events['LL misses'] - bare['LL misses']:+,.0f}"]
+            cells += [f"{events[k] - bare[k]:+,.0f}" for k in LAST_LEVEL_MISSES]
+        table.add_row(*cells)
+    console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     if args.out:
         report = {"workload": args.workload, "steps": args.steps, "skip": args.skip, "variants": rows}
+        if args.cache_sim:
+            report["last_level_mb"] = args.ll_mb
         args.out.write_text(json.dumps(report, indent=2))
         console.print(f"wrote {args.out}")
 
