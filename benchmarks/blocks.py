@@ -71,7 +71,8 @@ STEP_HOOKS = (
     "on_before_zero_grad",
     "on_train_batch_end",
 )
-HELD_BETWEEN_STEPS = ("_held_loss", "_held_lookback", "_lookback")  # SpikeWatch's references across steps
+# SpikeWatch's references across steps
+HELD_BETWEEN_STEPS = ("_held_loss", "_held_host_loss", "_held_lookback", "_lookback")
 
 
 def _spikewatch_only(callback: pl.Callback, switch: str, attribute: str) -> pl.Callback:
@@ -151,9 +152,10 @@ class FloorSwitch(Switch):
 
 class OwnWorkSwitch(FloorSwitch):
     """Off: as ``floor``, and the step's gradients held by reference into the next step, as
-    SpikeWatch's step-before lookback holds them on the CPU. Both blocks then keep the same tensors
-    alive, so on against off is SpikeWatch's own work (its Python, its reads), not the allocator's
-    answer to one more set of gradients coming and going, which moves big models' heaps (the module
+    SpikeWatch's step-before lookback holds them on the CPU (until the next step's backward, or its
+    optimizer step when that step is a read step). Both blocks then keep the same tensors alive, so
+    on against off is SpikeWatch's own work (its Python, its reads), not the allocator's answer to
+    one more set of gradients coming and going, which moves big models' heaps (the module
     docstring): the switch for the medium MLP. What holding that set costs is not in it."""
 
     def __init__(self, callback: pl.Callback) -> None:
@@ -167,6 +169,12 @@ class OwnWorkSwitch(FloorSwitch):
         if not watch._looks_back:
             return
         params, read_loss, kept, every = watch._grads.params, watch.on_before_optimizer_step, [None], watch._every
+        keep_loss = watch.on_before_backward
+
+        def keep_loss_and_release_gradients(trainer, pl_module, loss):
+            keep_loss(trainer, pl_module, loss)
+            if trainer.global_step % every:  # not a read step: let them go before backward, as the lookback
+                kept[0] = None
 
         def read_loss_and_keep_gradients(trainer, pl_module, optimizer):
             read_loss(trainer, pl_module, optimizer)
@@ -174,6 +182,7 @@ class OwnWorkSwitch(FloorSwitch):
             # instead. Dropped with this closure when the watcher is on again.
             kept[0] = None if trainer.global_step % every == 0 else [p.grad for p in params]
 
+        watch.on_before_backward = keep_loss_and_release_gradients
         watch.on_before_optimizer_step = read_loss_and_keep_gradients
 
 
