@@ -9,6 +9,11 @@ cancels, and reports each variant's median step time relative to the bare Traine
     python benchmarks/overhead.py --scaling             # also: 10x more steps, same per-step cost?
     python benchmarks/overhead.py --parts               # also: where SpikeWatch's time goes in the loop
     python benchmarks/overhead.py --out overhead.json   # and write the numbers as JSON
+    python benchmarks/overhead.py --memory-only         # only each variant's process peak memory
+
+The "host peak" column is the Python heap (tracemalloc), which does not see torch's CPU tensors;
+the process peak (``--memory-only``, and in full runs) is each variant's resident-set high-water
+mark in a fresh process, tensors included, so holding one more set of gradients shows there.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import logging
 import math
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -271,6 +278,57 @@ def run_once(
         "host_peak_mb": host_peak,
         "device_peak_mb": device_peak,
     }
+
+
+def process_peak_mb(workload: Workload, variant: str, steps: int, skip: int, accelerator: str) -> float | None:
+    """The resident-set high-water mark of one fit of ``variant`` in a fresh process, in MB: what the
+    machine had to hold at once, torch's tensors included (None if the variant is not installed)."""
+    command = [sys.executable, __file__, "--memory-child", variant, "--workloads", workload.name]
+    command += ["--steps", str(steps), "--skip", str(skip), "--accelerator", accelerator]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode == 3:
+        return None
+    if done.returncode != 0:
+        raise RuntimeError(f"{variant}: memory run failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    return float(done.stdout.split()[-1])
+
+
+def _memory_child(workload: Workload, variant: str, steps: int, skip: int, accelerator: str) -> None:
+    if run_once(workload, variant, steps, skip, accelerator) is None:
+        sys.exit(3)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+    print(peak / 2**20 if sys.platform == "darwin" else peak / 2**10)
+
+
+def process_peaks(workload: Workload, accelerator: str, skip: int, reps: int, console: Console) -> dict:
+    """Each variant's process peak (median of ``reps`` fresh processes) and its excess over bare."""
+    peaks: dict[str, list[float]] = {}
+    for _ in range(reps):  # interleaved, as the timings
+        for name in VARIANTS:
+            peak = process_peak_mb(workload, name, workload.steps, skip, accelerator)
+            if peak is not None:
+                peaks.setdefault(name, []).append(peak)
+    bare = statistics.median(peaks["bare"])
+    rows = {name: {"median_mb": statistics.median(v), "min_mb": min(v), "max_mb": max(v)} for name, v in peaks.items()}
+    table = Table(
+        title=f"{workload.name}: process peak memory (resident-set high-water mark), {workload.steps} steps, "
+        f"median of {reps} fresh processes",
+        title_justify="left",
+    )
+    for column in ("variant", "process peak", "over bare", "min..max"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for name, row in rows.items():
+        row["over_bare_mb"] = row["median_mb"] - bare
+        table.add_row(
+            name,
+            f"{row['median_mb']:.1f} MB",
+            f"{row['over_bare_mb']:+.1f} MB",
+            f"{row['min_mb']:.1f}..{row['max_mb']:.1f}",
+        )
+    console.print(table)
+    gradients_mb = workload.parameters * 4 / 2**20
+    console.print(f"one set of {workload.name}'s float32 gradients is {gradients_mb:.1f} MB.\n")
+    return {"reps": reps, "gradients_mb": gradients_mb, "variants": rows}
 
 
 def fused_norm_floor(workload: Workload, accelerator: str, repeats: int = 200) -> float:
@@ -572,10 +630,25 @@ def main() -> None:
     parser.add_argument("--scaling", action="store_true", help="also run 10x the steps")
     parser.add_argument("--parts", action="store_true", help="also time SpikeWatch's parts inside the loop")
     parser.add_argument("--parts-only", action="store_true", help="only time SpikeWatch's parts (seconds, not minutes)")
+    parser.add_argument("--memory-only", action="store_true", help="only each variant's process peak memory")
+    parser.add_argument("--memory-reps", type=int, default=3, help="fresh processes per variant for the peak")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.memory_child:
+        _memory_child(WORKLOADS[args.workloads], args.memory_child, args.steps, args.skip, args.accelerator)
+        return
     console = Console(width=None if sys.stdout.isatty() else 120)  # whole table rows in a log file
+    if args.memory_only:
+        peaks = {
+            name: process_peaks(WORKLOADS[name], args.accelerator, args.skip, args.memory_reps, console)
+            for name in args.workloads.split(",")
+        }
+        if args.out:
+            args.out.write_text(json.dumps({"accelerator": args.accelerator, "process_peak": peaks}, indent=2))
+        return
     if args.parts_only:
         parts = {
             name: part_costs(WORKLOADS[name], args.accelerator, args.skip, console)
@@ -599,6 +672,10 @@ def main() -> None:
         report["machine"]["gpu"] = torch.cuda.get_device_name()
     report["spike_cost"] = {
         name: spike_cost(WORKLOADS[name], args.accelerator, console) for name in args.workloads.split(",")
+    }
+    report["process_peak"] = {
+        name: process_peaks(WORKLOADS[name], args.accelerator, args.skip, args.memory_reps, console)
+        for name in args.workloads.split(",")
     }
     if args.parts:
         report["parts"] = {
