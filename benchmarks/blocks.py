@@ -152,8 +152,8 @@ class FloorSwitch(Switch):
 
 class OwnWorkSwitch(FloorSwitch):
     """Off: as ``floor``, and the step's gradients held by reference into the next step, as
-    SpikeWatch's step-before lookback holds them on the CPU (until the next step's backward, or its
-    optimizer step when that step is a read step). Both blocks then keep the same tensors alive, so
+    SpikeWatch's step-before lookback holds them on the CPU (until the next step's backward, unless
+    that step's loss may be a spike). Both blocks then keep the same tensors alive, so
     on against off is SpikeWatch's own work (its Python, its reads), not the allocator's answer to
     one more set of gradients coming and going, which moves big models' heaps (the module
     docstring): the switch for the medium MLP. What holding that set costs is not in it."""
@@ -173,8 +173,7 @@ class OwnWorkSwitch(FloorSwitch):
 
         def keep_loss_and_release_gradients(trainer, pl_module, loss):
             keep_loss(trainer, pl_module, loss)
-            if trainer.global_step % every:  # not a read step: let them go before backward, as the lookback
-                kept[0] = None
+            kept[0] = None  # let go before backward, as the lookback does on any step that cannot spike
 
         def read_loss_and_keep_gradients(trainer, pl_module, optimizer):
             read_loss(trainer, pl_module, optimizer)

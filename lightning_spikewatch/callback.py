@@ -369,6 +369,7 @@ class _SpikeWatchHooks:
         self._settled: list[_Settled] = []  # quiet steps not yet observed by the detector
         self._quiet_left = 0  # lean path: steps that may still be settled before the next general step
         self._quiet_below = _NEG_INF  # the detector's quiet bound for those steps
+        self._release_below = _NEG_INF  # a loss under it cannot spike up to and including the next general step
         self._lr_changes: dict[int, deque[tuple[int, list[float]]]] = {}
         self._lr_seen = math.nan  # the learning rate of a single float param group, as last recorded
         self._trace_lr = math.nan  # the first param group's rate, as last recorded (NaN: not known)
@@ -617,16 +618,17 @@ class _SpikeWatchHooks:
         if self._lean:
             if self._held_loss is None:  # the first backward of the step (a closure may run several)
                 self._held_loss = loss  # dropped at this step's optimizer step: no graph is held longer
-                self._held_host_loss = self._release_lookback_if_quiet(loss) if self._quiet_left else None
+                self._held_host_loss = self._release_lookback_if_quiet(loss)
             return
         self._keep_loss(loss)
 
     def _release_lookback_if_quiet(self, loss: torch.Tensor) -> float | None:
-        """On the CPU, where reading the loss waits for nothing: read it before backward and, if the
-        step is quiet, let go of the previous step's gradients now (no spike will need them), so that
-        backward reuses their memory, still in cache, as it does without SpikeWatch (held until the
-        optimizer step, they cost about half of the cache misses SpikeWatch added to a seed-MLP step).
-        Returns the loss for the optimizer step. On a GPU the read would stall the queue: it stays there."""
+        """On the CPU, where reading the loss waits for nothing: read it before backward and, if it
+        cannot be a spike (under the quiet bound; on a read step under the bound planned to include
+        it), let go of the previous step's gradients now, as no attribution will need them. Backward
+        then allocates this step's gradients in their place, so SpikeWatch's lookback never holds two
+        sets at once on such steps, and the run's peak memory is a bare run's. Returns the loss for
+        the optimizer step. On a GPU the read would stall the queue: it stays there."""
         if not self._looks_back:
             return None
         try:
@@ -635,7 +637,7 @@ class _SpikeWatchHooks:
             self._held_loss = None
             self._disable("watch", err)
             return None
-        if _NEG_INF < host_loss < self._quiet_below:
+        if _NEG_INF < host_loss < (self._quiet_below if self._quiet_left else self._release_below):
             self._held_lookback = self._lookback = None
         return host_loss
 
@@ -921,13 +923,15 @@ class _SpikeWatchHooks:
         self._quiet_left = left
         # The last of them is scored after ``left - 1`` pushes of the ones before it.
         self._quiet_below = self.detector.quiet_bound(left - 1) if left else _NEG_INF
+        # The general step after them is scored after at most ``left`` pushes.
+        self._release_below = self.detector.quiet_bound(left) if watched >= self.warmup else _NEG_INF
 
     def _catch_up(self) -> None:
         """Observe the steps settled by the quiet bound, in order: the detector's windows, the
         trace and the batch sizes are then as if each had been scored at once."""
         if not self._settled:
             return
-        self._quiet_below = _NEG_INF  # the windows move: no step settles until the bound is planned again
+        self._quiet_below = self._release_below = _NEG_INF  # the windows move: no bound holds until planned again
         settled, self._settled = self._settled, []
         held, self._held_lookback = self._held_lookback, None  # the last settled step: the one before this
         if held is None:

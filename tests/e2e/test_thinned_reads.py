@@ -5,7 +5,6 @@ import csv
 import json
 import math
 import sys
-import weakref
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,7 +13,16 @@ import torch
 
 from lightning_spikewatch import SpikeWatch
 from lightning_spikewatch.callback import CPU_BASELINE_EVERY
-from tests.e2e.tiny import BATCH, TinyNet, fit, loader, position, regression_data, seeded
+from tests.e2e.tiny import (
+    BATCH,
+    PreviousGradientsAtBackward,
+    TinyNet,
+    fit,
+    loader,
+    position,
+    regression_data,
+    seeded,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
@@ -108,44 +116,39 @@ def test_the_step_before_a_spike_is_read_from_its_kept_gradients(tmp_path):
     assert snapshot["norms"][-2][blown] > 100 * before[blown]
 
 
-class PreviousGradientsAtBackward(pl.Callback):
-    """Records, at each backward (after SpikeWatch's hook, before backward runs), whether the last
-    step's gradients are still alive: Lightning has dropped them at zero_grad, so only a watcher
-    can hold them."""
-
-    def __init__(self):
-        self.alive: dict[int, bool] = {}
-        self._refs: list = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self._refs = [weakref.ref(p.grad) for p in pl_module.parameters() if p.grad is not None]
-
-    def on_before_backward(self, trainer, pl_module, loss):
-        self.alive[trainer.global_step] = bool(self._refs) and all(r() is not None for r in self._refs)
-
-
-class RecordingQuiet(SpikeWatch):
-    """Records the steps settled by the detector's quiet bound."""
+class RecordingReleases(SpikeWatch):
+    """Records the steps settled by the detector's quiet bound, and those whose loss at backward was
+    under the bound planned for them (quiet steps and read steps alike)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.quiet: set[int] = set()
+        self.released: set[int] = set()
 
     def _settle_quietly(self, loss, optimizer):
         self.quiet.add(self._step_counter.completed)
         super()._settle_quietly(loss, optimizer)
 
+    def _release_lookback_if_quiet(self, loss):
+        bound = self._quiet_below if self._quiet_left else self._release_below
+        host_loss = super()._release_lookback_if_quiet(loss)
+        if host_loss is not None and host_loss < bound:
+            self.released.add(self._step_counter.completed)
+        return host_loss
 
-def test_quiet_steps_let_the_kept_gradients_go_before_backward_and_a_spike_still_reads_them(tmp_path):
-    w = RecordingQuiet(log_dir=tmp_path, print_spikes=False, print_summary=False)
+
+def test_steps_that_cannot_spike_let_the_kept_gradients_go_before_backward_and_a_spike_still_reads_them(tmp_path):
+    w = RecordingReleases(log_dir=tmp_path, print_spikes=False, print_summary=False)
     probe = PreviousGradientsAtBackward()
     data = regression_data(n=BATCH * 120)
     fit(seeded(TinyNet, optimizer="sgd", lr=0.05, grad_blowup=(43, "net.3.weight", 3e3)), data, [w, probe])
-    # A quiet step needs no step before it: its backward reuses that memory, as without SpikeWatch.
-    assert len(w.quiet) > 60 and not any(probe.alive[step] for step in w.quiet)
-    # A read step (every 16th) and the spike at 44 keep them until they are read.
-    checked = [step for step in (44, 64, 80, 96, 112) if step - 1 in w.quiet]
-    assert 44 in checked and len(checked) >= 3 and all(probe.alive[step] for step in checked)
+    # A step whose loss is under its bound needs no step before it: its backward reuses that memory,
+    # as without SpikeWatch, so no more than one set of gradients is alive at a time. That holds for
+    # the quiet steps and, with the bound planned to include them, for the read steps (every 16th).
+    assert w.quiet <= w.released and len(w.quiet) > 60
+    assert {64, 80, 96, 112} & w.released and not any(probe.alive[step] for step in w.released)
+    # The spike at 44 keeps them until they are read, and blames the step before.
+    assert 43 in w.quiet and 44 not in w.released and probe.alive[44]
     event = w.spikes[0]
     assert event.step == 44 and event.cause == "layer_gradient"
     assert event.evidence["layer"] == "net.3.weight" and event.evidence["which"] == "previous step"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from typing import Any
 
 import lightning.pytorch as pl
@@ -182,3 +183,19 @@ def fit(model: pl.LightningModule, data: Any, callbacks: list, trainer_module: A
     trainer = trainer_module.Trainer(callbacks=callbacks, **settings)
     trainer.fit(model, data if isinstance(data, DataLoader) else loader(data), ckpt_path=ckpt_path)
     return trainer
+
+
+class PreviousGradientsAtBackward(pl.Callback):
+    """Records, at each backward (after SpikeWatch's hook, before backward runs), whether the last
+    step's gradients are still alive: Lightning has dropped them at zero_grad, so only a watcher
+    can hold them."""
+
+    def __init__(self):
+        self.alive: dict[int, bool] = {}
+        self._refs: list = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._refs = [weakref.ref(p.grad) for p in pl_module.parameters() if p.grad is not None]
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.alive[trainer.global_step] = bool(self._refs) and all(r() is not None for r in self._refs)
