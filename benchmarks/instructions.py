@@ -17,8 +17,11 @@ valgrind (about a minute each on the seed MLP), as many at a time as there are C
 ``--cache-sim`` also simulates the caches (callgrind ``--cache-sim=yes``, a last level of ``--ll-mb``
 MB, default 1, this machine's L2 per core) and adds the last-level misses per step: what costs time
 beyond the instructions, such as memory that torch's kernels find cold. About three times slower.
+Unlike the instructions, the misses move by a few hundred per step from one process to the next
+(where the heap and libraries land differs), so compare them with ``--repeat`` (mean and standard
+deviation over that many processes per variant).
 
-    python benchmarks/instructions.py --variants bare,spikewatch --cache-sim
+    python benchmarks/instructions.py --variants bare,spikewatch --cache-sim --repeat 4
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import ctypes
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,11 +79,18 @@ def child(variant: str, workload_name: str, steps: int, skip: int, helper: str) 
 
 
 def count(
-    variant: str, workload: str, steps: int, skip: int, helper: Path, folder: Path, ll_mb: float | None = None
+    variant: str,
+    workload: str,
+    steps: int,
+    skip: int,
+    helper: Path,
+    folder: Path,
+    ll_mb: float | None = None,
+    run: int = 0,
 ) -> dict[str, int] | None:
     """Events in the counted steps of one variant: instructions (``Ir``) and, with a simulated last
     level of ``ll_mb`` MB, its misses (``ILmr``, ``DLmr``, ``DLmw``); None if it is not installed."""
-    out = folder / f"callgrind.{re.sub(r'[^A-Za-z0-9]+', '_', variant)}"
+    out = folder / f"callgrind.{re.sub(r'[^A-Za-z0-9]+', '_', variant)}.{run}"
     cache = [] if ll_mb is None else ["--cache-sim=yes", f"--LL={int(ll_mb * 2**20)},16,64"]
     command = [
         "valgrind",
@@ -124,6 +135,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the counts as JSON")
     parser.add_argument("--cache-sim", action="store_true", help="also count simulated last-level cache misses")
     parser.add_argument("--ll-mb", type=float, default=1.0, help="simulated last-level cache size in MB")
+    parser.add_argument("--repeat", type=int, default=1, help="processes per variant (means are reported)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--helper", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -143,21 +155,31 @@ def main() -> None:
     helper = build_helper(folder)
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         ll_mb = args.ll_mb if args.cache_sim else None
-        futures = {n: pool.submit(count, n, args.workload, args.steps, args.skip, helper, folder, ll_mb) for n in names}
-        totals = {n: f.result() for n, f in futures.items()}
-    per_step = {n: {k: v / args.steps for k, v in t.items()} for n, t in totals.items() if t is not None}
-    for events in per_step.values():
-        if args.cache_sim:
-            events["LL misses"] = sum(events[k] for k in LAST_LEVEL_MISSES)
+        futures = {
+            (n, r): pool.submit(count, n, args.workload, args.steps, args.skip, helper, folder, ll_mb, r)
+            for r in range(args.repeat)
+            for n in names
+        }
+        runs: dict[str, list[dict[str, float]]] = {}
+        for (n, _), future in futures.items():
+            total = future.result()
+            if total is not None:
+                events = {k: v / args.steps for k, v in total.items()}
+                if args.cache_sim:
+                    events["LL misses"] = sum(events[k] for k in LAST_LEVEL_MISSES)
+                runs.setdefault(n, []).append(events)
+    per_step = {n: {k: statistics.mean(e[k] for e in each) for k in each[0]} for n, each in runs.items()}
+    spread = {n: statistics.stdev(e["LL misses"] for e in each) if len(each) > 1 else 0.0 for n, each in runs.items()}
     bare = per_step["bare"]
     cache = f", {args.ll_mb:g} MB last level simulated" if args.cache_sim else ""
+    cache += f", mean of {args.repeat} processes each" if args.repeat > 1 else ""
     table = Table(
         title=f"{args.workload}: per step, callgrind, {args.steps} steps after {args.skip}{cache}",
         title_justify="left",
     )
     columns = ["variant", "instructions per step", "added over bare", "x bare"]
     if args.cache_sim:
-        columns += ["LL misses per step", "added over bare "] + [f"{k} added" for k in LAST_LEVEL_MISSES]
+        columns += ["LL misses per step", "sd", "added over bare "] + [f"{k} added" for k in LAST_LEVEL_MISSES]
     for column in columns:
         table.add_column(column, justify="left" if column == "variant" else "right")
     rows = {}
@@ -167,13 +189,17 @@ def main() -> None:
         cells = [name, f"{value / 1e3:,.1f} k", f"{(value - base) / 1e3:+,.1f} k", f"{value / base:.4f}"]
         if args.cache_sim:
             rows[name]["misses"] = {k: events[k] for k in (*LAST_LEVEL_MISSES, "LL misses")}
-            cells += [f"{events['LL misses']:,.0f}", f"{events['LL misses'] - bare['LL misses']:+,.0f}"]
+            rows[name]["misses_sd"] = spread[name]
+            rows[name]["misses_runs"] = [e["LL misses"] for e in runs[name]]
+            cells += [f"{events['LL misses']:,.0f}", f"{spread[name]:,.0f}"]
+            cells += [f"{events['LL misses'] - bare['LL misses']:+,.0f}"]
             cells += [f"{events[k] - bare[k]:+,.0f}" for k in LAST_LEVEL_MISSES]
         table.add_row(*cells)
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     if args.out:
-        report = {"workload": args.workload, "steps": args.steps, "skip": args.skip, "variants": rows}
+        report = {"workload": args.workload, "steps": args.steps, "skip": args.skip, "repeat": args.repeat}
+        report["variants"] = rows
         if args.cache_sim:
             report["last_level_mb"] = args.ll_mb
         args.out.write_text(json.dumps(report, indent=2))
