@@ -13,7 +13,8 @@ cancels, and reports each variant's median step time relative to the bare Traine
 
 The "host peak" column is the Python heap (tracemalloc), which does not see torch's CPU tensors;
 the process peak (``--memory-only``, and in full runs) is each variant's resident-set high-water
-mark in a fresh process, tensors included, so holding one more set of gradients shows there.
+mark in a fresh process, tensors included, so holding one more set of gradients shows there
+(glibc's mmap threshold is fixed for it, so the mark is what was alive at once).
 """
 
 from __future__ import annotations
@@ -285,7 +286,10 @@ def process_peak_mb(workload: Workload, variant: str, steps: int, skip: int, acc
     machine had to hold at once, torch's tensors included (None if the variant is not installed)."""
     command = [sys.executable, __file__, "--memory-child", variant, "--workloads", workload.name]
     command += ["--steps", str(steps), "--skip", str(skip), "--accelerator", accelerator]
-    done = subprocess.run(command, capture_output=True, text=True)
+    # glibc's mmap threshold fixed: freed big tensors go back to the system at once, so the mark is
+    # what was alive at once, not what the allocator happened to keep (which moved it by +-20 MB).
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "131072"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode == 3:
         return None
     if done.returncode != 0:
