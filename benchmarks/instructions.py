@@ -169,7 +169,10 @@ def main() -> None:
                     events["LL misses"] = sum(events[k] for k in LAST_LEVEL_MISSES)
                 runs.setdefault(n, []).append(events)
     per_step = {n: {k: statistics.mean(e[k] for e in each) for k in each[0]} for n, each in runs.items()}
-    spread = {n: statistics.stdev(e["LL misses"] for e in each) if len(each) > 1 else 0.0 for n, each in runs.items()}
+    spread = {
+        n: statistics.stdev(e["LL misses"] for e in each) if args.cache_sim and len(each) > 1 else 0.0
+        for n, each in runs.items()
+    }
     bare = per_step["bare"]
     cache = f", {args.ll_mb:g} MB last level simulated" if args.cache_sim else ""
     cache += f", mean of {args.repeat} processes each" if args.repeat > 1 else ""
