@@ -618,7 +618,7 @@ class _SpikeWatchHooks:
         if self._lean:
             if self._held_loss is None:  # the first backward of the step (a closure may run several)
                 self._held_loss = loss  # dropped at this step's optimizer step: no graph is held longer
-                self._held_host_loss = self._release_lookback_if_quiet(loss)
+                self._held_host_loss = self._release_lookback_if_quiet(loss) if self._looks_back else None
             return
         self._keep_loss(loss)
 
@@ -628,9 +628,8 @@ class _SpikeWatchHooks:
         it), let go of the previous step's gradients now, as no attribution will need them. Backward
         then allocates this step's gradients in their place, so SpikeWatch's lookback never holds two
         sets at once on such steps, and the run's peak memory is a bare run's. Returns the loss for
-        the optimizer step. On a GPU the read would stall the queue: it stays there."""
-        if not self._looks_back:
-            return None
+        the optimizer step. Only with the lookback (on the CPU): on a GPU the read would stall the
+        queue, so it stays at the optimizer step."""
         try:
             host_loss = loss.item()  # the step's one device-to-host transfer, taken early
         except Exception as err:  # noqa: BLE001 - as _safely: the run goes on, watching stops
