@@ -8,27 +8,20 @@ a pair are adjacent steps of one process, one model and one allocator, so the ma
 which reaches tens of percent within seconds on a shared machine, cancels, and no second fit
 competes for the caches.
 
-Meant for models whose gradients are small (the seed MLP). On the CPU SpikeWatch keeps the last
-step's gradients alive into the next step (the step-before lookback), so on and off blocks differ
-in how many sets of gradients are alive; with tens of MB of them (the medium MLP), switching
-between the two moves the allocator's heap back and forth, and the off blocks paid for it:
-SpikeWatch came out x0.90 there (faster than off), while whole runs showed no such speed-up.
-For such models ``--switch own`` times SpikeWatch's own work (its off blocks hold the gradients as
-the lookback does, so both heaps are alike; what holding them costs is left out), and
-``overhead.py`` (whole runs) the rest, less precisely.
+Works for small and large models alike: on the CPU SpikeWatch keeps the last step's gradients
+alive into the next step (the step-before lookback) but lets them go before that step's backward
+unless its loss may be a spike, so on and off blocks hold the same number of gradient sets and the
+allocator's heap does not move between them.
 
     python benchmarks/blocks.py                                   # seed MLP: spikewatch and empty callback
     python benchmarks/blocks.py --variants "spikewatch,ZClip" --also-every 32 --pairs 1200
-    python benchmarks/blocks.py --workload medium_mlp --switch own --variants spikewatch --pairs 400
+    python benchmarks/blocks.py --workload medium_mlp --variants "spikewatch,fused-norm floor" --pairs 200
 
 ``--switch`` picks what the off blocks leave out, to time one part of SpikeWatch within its fit:
 ``lookback`` its step-before lookback alone; ``floor`` all of its work but the least any loss watcher
-does (keep the loss, one ``item()``: the two hook calls are paid in both blocks); ``period`` reads
-every 16th step against every 64th (with ``--block 64``); ``general`` its general steps (every step
-settled by its loss alone, no periodic read or catch-up); ``own`` as ``floor``, with the off blocks
-also holding each step's gradients into the next as the lookback does (for the medium MLP: both
-blocks' heaps alike). ``--aa`` switches nothing (both blocks of
-a pair on): the noise floor of the method, which should print x1.000 within its error.
+does (one hook call at backward and one ``item()``, paid in both blocks); ``period`` reads every 16th
+step against every 64th (with ``--block 64``). ``--aa`` switches nothing (both blocks of a pair on):
+the noise floor of the method, which should print x1.000 within its error.
 
 A watcher switched off keeps its state; it only stops seeing steps. For SpikeWatch the references it
 holds between steps (the last loss, the gradients kept for the step-before lookback) are dropped
@@ -72,7 +65,7 @@ STEP_HOOKS = (
     "on_train_batch_end",
 )
 # SpikeWatch's references across steps
-HELD_BETWEEN_STEPS = ("_held_loss", "_held_host_loss", "_held_lookback", "_lookback")
+HELD_BETWEEN_STEPS = ("_held_loss", "_held_host_loss", "_held_grads", "_lookback", "_settled_batch")
 
 
 def _spikewatch_only(callback: pl.Callback, switch: str, attribute: str) -> pl.Callback:
@@ -84,11 +77,13 @@ def _spikewatch_only(callback: pl.Callback, switch: str, attribute: str) -> pl.C
 
 class Switch:
     """Turns a callback's per-step hooks off (``None`` on the instance: Lightning skips a hook that is
-    not callable) and back on exactly as they were, including hooks the callback skips itself."""
+    not callable) and back on exactly as they were, including hooks the callback skips itself. For
+    SpikeWatch the optimizer post-hook that keeps a quiet step's gradients is detached too."""
 
     def __init__(self, callback: pl.Callback) -> None:
         self.callback = callback
         self._saved: dict[str, object] | None = None
+        self._reattach = False
 
     def off(self) -> None:
         if self._saved is not None:
@@ -100,6 +95,11 @@ class Switch:
         for name in HELD_BETWEEN_STEPS:
             if name in state:
                 state[name] = None
+        if "_keep_grads" in state:
+            state["_keep_grads"] = False
+        self._reattach = state.get("_after_step_handle") is not None
+        if self._reattach:
+            self.callback._detach_after_step()
 
     def on(self) -> None:
         if self._saved is None:
@@ -109,6 +109,8 @@ class Switch:
             state.pop(name, None)
         state.update(self._saved)
         self._saved = None
+        if self._reattach:
+            self.callback._attach_after_step()
 
 
 class LookbackSwitch:
@@ -119,70 +121,28 @@ class LookbackSwitch:
         self.callback = _spikewatch_only(callback, "lookback", "_looks_back")
 
     def off(self) -> None:
-        self.callback._looks_back = False
-        self.callback._held_lookback = self.callback._lookback = None
+        watch = self.callback
+        watch._looks_back = watch._keep_grads = False
+        watch._held_grads = watch._lookback = watch._settled_batch = None
 
     def on(self) -> None:
         self.callback._looks_back = True
 
 
 class FloorSwitch(Switch):
-    """Off: the watcher's step hooks replaced by the least a loss watcher does (keep the loss at
-    backward, read it with one ``item()`` at the optimizer step): on against off is then the watcher's
-    own work, without the cost of Lightning calling two hooks, which both blocks pay."""
+    """Off: the watcher's step hooks replaced by the least a loss watcher does (one hook call at
+    backward, reading the loss with one ``item()``): on against off is then the watcher's own work,
+    without the cost of Lightning calling that one hook, which both blocks pay."""
 
     def off(self) -> None:
         if self._saved is not None:
             return
         super().off()
-        held: list[torch.Tensor | None] = [None]
 
-        def keep_loss(trainer, pl_module, loss):
-            if held[0] is None:
-                held[0] = loss
+        def read_loss(trainer, pl_module, loss):
+            loss.item()  # the one transfer to the host
 
-        def read_loss(trainer, pl_module, optimizer):
-            loss, held[0] = held[0], None
-            if loss is not None:
-                loss.item()  # the one transfer to the host
-
-        self.callback.on_before_backward = keep_loss
-        self.callback.on_before_optimizer_step = read_loss
-
-
-class OwnWorkSwitch(FloorSwitch):
-    """Off: as ``floor``, and the step's gradients held by reference into the next step, as
-    SpikeWatch's step-before lookback holds them on the CPU (until the next step's backward, unless
-    that step's loss may be a spike). Both blocks then keep the same tensors alive, so
-    on against off is SpikeWatch's own work (its Python, its reads), not the allocator's answer to
-    one more set of gradients coming and going, which moves big models' heaps (the module
-    docstring): the switch for the medium MLP. What holding that set costs is not in it."""
-
-    def __init__(self, callback: pl.Callback) -> None:
-        super().__init__(_spikewatch_only(callback, "own", "_looks_back"))
-
-    def off(self) -> None:
-        if self._saved is not None:
-            return
-        super().off()
-        watch = self.callback
-        if not watch._looks_back:
-            return
-        params, read_loss, kept, every = watch._grads.params, watch.on_before_optimizer_step, [None], watch._every
-        keep_loss = watch.on_before_backward
-
-        def keep_loss_and_release_gradients(trainer, pl_module, loss):
-            keep_loss(trainer, pl_module, loss)
-            kept[0] = None  # let go before backward, as the lookback does on any step that cannot spike
-
-        def read_loss_and_keep_gradients(trainer, pl_module, optimizer):
-            read_loss(trainer, pl_module, optimizer)
-            # Held as SpikeWatch holds them: not after a read step (every n-th), whose norms it keeps
-            # instead. Dropped with this closure when the watcher is on again.
-            kept[0] = None if trainer.global_step % every == 0 else [p.grad for p in params]
-
-        watch.on_before_backward = keep_loss_and_release_gradients
-        watch.on_before_optimizer_step = read_loss_and_keep_gradients
+        self.callback.on_before_backward = read_loss
 
 
 class PeriodSwitch:
@@ -206,53 +166,11 @@ class PeriodSwitch:
         watch._quiet_left = min(watch._quiet_left, -watch.steps_watched % self.every)
 
 
-class GeneralSwitch:
-    """SpikeWatch as it runs (on), or settling every step by its loss alone with no general step, no
-    periodic read and no catch-up (off): what the general steps cost, the quiet steps paid in both."""
-
-    def __init__(self, callback: pl.Callback) -> None:
-        self.callback = _spikewatch_only(callback, "general", "_settle_quietly")
-        self._off, self._left = False, 0
-
-    def off(self) -> None:
-        if self._off:  # the next block is off too: keep what the first saved
-            return
-        self._off = True
-        watch = self.callback
-        self._left = watch._quiet_left  # steps the last planned bound still covers (nothing is pushed while off)
-
-        def settle_every_step(trainer, pl_module, optimizer):
-            loss, watch._held_loss = watch._held_loss, None
-            if loss is None or watch._loop_batch is None:
-                return
-            results, progress = watch._loop_batch
-            watch._held_batch, watch._held_idx = results.batch, progress.ready - 1
-            if len(watch._settled) >= overhead.CPU_BASELINE_EVERY:
-                watch._settled.clear()  # not caught up: dropped, so memory stays as bounded as when on
-            watch._settle_quietly(loss.item(), optimizer)
-
-        watch.on_before_optimizer_step = settle_every_step
-
-    def on(self) -> None:
-        if not self._off:
-            return
-        self._off = False
-        watch = self.callback
-        watch.__dict__.pop("on_before_optimizer_step", None)
-        watch._settled.clear()  # the off blocks' steps are not observed: the detector's windows skip them
-        watch._held_lookback = None
-        # The windows did not move while off, so the bound still holds for the steps it was planned for:
-        # read when due (one general step per read period, as unswitched), or at once if none are left.
-        watch._quiet_left = max(0, min(self._left, -watch.steps_watched % overhead.CPU_BASELINE_EVERY))
-
-
 SWITCHES = {
     "hooks": Switch,
     "lookback": LookbackSwitch,
     "floor": FloorSwitch,
     "period": PeriodSwitch,
-    "general": GeneralSwitch,
-    "own": OwnWorkSwitch,
 }
 
 
@@ -378,8 +296,7 @@ def main() -> None:
         default="hooks",
         choices=sorted(SWITCHES),
         help="what is off: all step hooks; the lookback; all but the least a loss watcher does (floor); "
-        "reads every 16th step against every 64th (period); the general steps; as floor, the off blocks "
-        "holding the gradients as the lookback does (own)",
+        "reads every 16th step against every 64th (period)",
     )
     parser.add_argument("--aa", action="store_true", help="switch nothing: the method's noise floor")
     parser.add_argument("--out", type=Path, help="write the results as JSON")

@@ -23,7 +23,6 @@ import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -365,7 +364,16 @@ class _SpikeWatchHooks:
         self._follow_loop_untried = False
         self._held_loss: torch.Tensor | None = None  # lean path: this step's loss, as passed to backward
         self._held_host_loss: float | None = None  # lean path on CPU: that loss, read before backward
-        self._held_lookback: tuple | None = None  # lean path: the last settled step's batch and gradients
+        self._open_batch = -1  # lean path: the batch whose first backward was seen (a closure may run several)
+        self._batches_started = 0  # lean path where batch start runs: its count, standing in for the loop's
+        self._optimizer: Any = None  # lean path: the one optimizer, for the learning rate of quiet steps
+        self._backward_only = False  # CPU lean path: quiet steps are settled at backward, with one hook call
+        self._step_hook_skipped = False  # on_before_optimizer_step is None on the instance (a quiet step)
+        self._may_skip_step_hook = False
+        self._after_step_handle: Any = None  # the optimizer step post-hook that keeps a quiet step's gradients
+        self._keep_grads = False  # a quiet step was settled: its gradients are kept after its optimizer step
+        self._held_grads: list[torch.Tensor | None] | None = None  # those gradients, by reference
+        self._settled_batch: Any = None  # the batch of the last settled step, for the lookback's evidence
         self._settled: list[_Settled] = []  # quiet steps not yet observed by the detector
         self._quiet_left = 0  # lean path: steps that may still be settled before the next general step
         self._quiet_below = _NEG_INF  # the detector's quiet bound for those steps
@@ -410,8 +418,13 @@ class _SpikeWatchHooks:
         # The lean hooks test these flags, not the set.
         if part == "watch":
             self._lean = False
+            if self._step_hook_skipped:  # the class's hook, which checks the set, as off the lean path
+                del self.on_before_optimizer_step
+                self._step_hook_skipped = False
+            self._detach_after_step()
         if part == "grad_norms":
-            self._looks_back = False
+            self._looks_back = self._keep_grads = False
+            self._held_grads = self._lookback = None
         warnings.warn(
             f"SpikeWatch: its {part!r} part failed ({type(err).__name__}: {err}) and is switched off for the rest of "
             "this run; training continues unaffected. Please report this message.",
@@ -544,11 +557,44 @@ class _SpikeWatchHooks:
             and self._loss_scale(trainer) is None
         )
         self._step_counter = _optimizer_step_counter(trainer) if self._lean else None
-        self._lean = self._step_counter is not None
+        self._lean = self._step_counter is not None and len(trainer.optimizers) == 1
+        self._optimizer = trainer.optimizers[0] if self._lean else None
         self._reports_to_loggers = bool(trainer.loggers) and trainer.is_global_zero
         self._follow_loop_untried = self._lean
+        # On the CPU a quiet step is settled at backward, where its loss is read anyway (one hook call,
+        # not two); its gradients, kept for the lookback, are taken by the optimizer's own post-hook.
+        self._backward_only = self._lean and self._looks_back and self._attach_after_step()
+        self._looks_back = self._backward_only
+        # A subclass that overrides the optimizer step hook has it called on every step.
+        self._may_skip_step_hook = type(self).on_before_optimizer_step is _SpikeWatchHooks.on_before_optimizer_step
         self._skip_hooks(*_UNUSED_STEP_HOOKS)
         self._skip_batch_end_if_idle()
+
+    def _attach_after_step(self) -> bool:
+        """Register the post-hook on the optimizer (torch calls it after each step, at the cost of
+        one function call); False where the optimizer takes no such hook."""
+        self._detach_after_step()
+        register = getattr(self._optimizer, "register_step_post_hook", None)
+        if register is None:
+            return False
+        self._after_step_handle = register(self._after_optimizer_step)
+        return True
+
+    def _detach_after_step(self) -> None:
+        handle, self._after_step_handle = self._after_step_handle, None
+        if handle is not None:
+            handle.remove()
+
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """After a quiet step's update: keep its gradients by reference, for the lookback. Called by
+        torch inside the user's ``optimizer.step``, so nothing may escape from here."""
+        if self._keep_grads:
+            self._keep_grads = False
+            try:
+                self._held_grads = list(map(_GRAD_OF, self._grads.params))
+            except Exception as err:  # noqa: BLE001 - as _safely: the run goes on, the lookback stops
+                self._held_grads = None
+                self._disable("grad_norms", err)
 
     def _skip_hooks(self, *names: str) -> None:
         """Have Lightning skip these hooks for the rest of fit (unless a subclass overrides them)."""
@@ -562,8 +608,10 @@ class _SpikeWatchHooks:
             self._skip_hooks("on_train_batch_end")
 
     def _restore_hooks(self) -> None:
-        for name in (*_UNUSED_STEP_HOOKS, "on_train_batch_start", "on_train_batch_end"):
+        for name in (*_UNUSED_STEP_HOOKS, "on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"):
             self.__dict__.pop(name, None)
+        self._step_hook_skipped = False
+        self._detach_after_step()
 
     @_safely("watch")
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
@@ -571,7 +619,8 @@ class _SpikeWatchHooks:
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._lean:  # references only (nothing here can fail); a record is made if the step is not quiet
-            self._held_batch, self._held_idx, self._held_loss = batch, batch_idx, None
+            self._held_batch, self._held_idx = batch, batch_idx
+            self._batches_started += 1
             if self._follow_loop_untried:
                 self._follow_loop_untried = False
                 self._attempt("watch", self._follow_loop, trainer, batch, batch_idx)
@@ -615,30 +664,47 @@ class _SpikeWatchHooks:
         return batch_size_of(inputs) or batch_size_of(tensor_leaves(batch))
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
-        if self._lean:
-            if self._held_loss is None:  # the first backward of the step (a closure may run several)
-                self._held_loss = loss  # dropped at this step's optimizer step: no graph is held longer
-                self._held_host_loss = self._release_lookback_if_quiet(loss) if self._looks_back else None
+        if not self._lean:
+            self._keep_loss(loss)
             return
-        self._keep_loss(loss)
-
-    def _release_lookback_if_quiet(self, loss: torch.Tensor) -> float | None:
-        """On the CPU, where reading the loss waits for nothing: read it before backward and, if it
-        cannot be a spike (under the quiet bound; on a read step under the bound planned to include
-        it), let go of the previous step's gradients now, as no attribution will need them. Backward
-        then allocates this step's gradients in their place, so SpikeWatch's lookback never holds two
-        sets at once on such steps, and the run's peak memory is a bare run's. Returns the loss for
-        the optimizer step. Only with the lookback (on the CPU): on a GPU the read would stall the
-        queue, so it stays at the optimizer step."""
+        source = self._loop_batch
+        if source is None:  # the batch start hook runs and holds the batch
+            number = self._batches_started
+        else:  # read the batch and its index where Lightning keeps them during the step
+            results, progress = source
+            number = progress.ready
+            self._held_batch, self._held_idx = results.batch, number - 1
+        if number == self._open_batch:
+            return  # the same step's closure run again (LBFGS): its first backward decided
+        self._open_batch = number
+        if not self._backward_only:  # on an accelerator the read would stall the queue: it waits for the step
+            self._held_loss = loss
+            return
         try:
-            host_loss = loss.item()  # the step's one device-to-host transfer, taken early
+            host_loss = loss.item()  # the step's one device-to-host transfer; on the CPU it waits for nothing
         except Exception as err:  # noqa: BLE001 - as _safely: the run goes on, watching stops
-            self._held_loss = None
             self._disable("watch", err)
-            return None
-        if _NEG_INF < host_loss < (self._quiet_below if self._quiet_left else self._release_below):
-            self._held_lookback = self._lookback = None
-        return host_loss
+            return
+        if self._quiet_left and _NEG_INF < host_loss < self._quiet_below:
+            self._held_grads = self._lookback = None  # freed before backward allocates this step's
+            self._settle_quietly(host_loss)
+            if not self._step_hook_skipped and self._may_skip_step_hook:
+                self.on_before_optimizer_step = None  # settled: Lightning need not call it for this step
+                self._step_hook_skipped = True
+            return
+        self._expect_general_step(loss, host_loss)
+
+    def _expect_general_step(self, loss: torch.Tensor, host_loss: float) -> None:
+        """A CPU step the quiet bound did not settle: scored at its optimizer step. If its loss cannot
+        be a spike either (a read step under the bound planned to include it), the previous step's
+        gradients are let go now, as no attribution will need them: backward then allocates this
+        step's in their place, so the lookback never holds two sets at once on such steps."""
+        if _NEG_INF < host_loss < self._release_below:
+            self._held_grads = self._lookback = None
+        self._held_loss, self._held_host_loss = loss, host_loss
+        if self._step_hook_skipped:
+            del self.on_before_optimizer_step  # the class's hook runs again from this step on
+            self._step_hook_skipped = False
 
     @_safely("watch")
     def _keep_loss(self, loss: torch.Tensor) -> None:
@@ -653,16 +719,12 @@ class _SpikeWatchHooks:
         loss, self._held_loss = self._held_loss, None
         host_loss, self._held_host_loss = self._held_host_loss, None
         if loss is None:
-            return  # nothing held: the step was seen already (a closure run again) or had no backward
-        if self._loop_batch is not None:  # the batch start hook is skipped: read them from the loop
-            results, progress = self._loop_batch
-            self._held_batch, self._held_idx = results.batch, progress.ready - 1
-        if self._quiet_left:  # no read due: the loss alone may settle the step
+            return  # nothing held: the step was settled at backward, seen already, or had no backward
+        if self._quiet_left and not self._backward_only:  # no read due: the loss alone may settle the step
             try:
-                if host_loss is None:
-                    host_loss = loss.item()  # the one device-to-host transfer
+                host_loss = loss.item()  # the one device-to-host transfer
                 if _NEG_INF < host_loss < self._quiet_below:
-                    self._settle_quietly(host_loss, optimizer)
+                    self._settle_quietly(host_loss)
                     return
             except Exception as err:  # noqa: BLE001 - as _safely: the run goes on, watching stops
                 self._disable("watch", err)
@@ -675,6 +737,7 @@ class _SpikeWatchHooks:
     ) -> None:
         """A lean-path step that the quiet bound did not settle: scored (and read) as any other."""
         step = self._step_counter.completed
+        self._keep_grads = False  # a settled step whose optimizer step never came: not this step's gradients
         self._records = [_Batch(self._held_batch, self._held_idx, step, loss=loss.detach(), host_loss=host_loss)]
         self._catch_up()  # the settled steps come first, in order
         self._evaluate_step(trainer, pl_module, optimizer)
@@ -895,24 +958,22 @@ class _SpikeWatchHooks:
             grads, positions = self._grads.grads()  # references: no device work unless the next step spikes
             self._lookback = _Lookback(records[-1], losses[-1], grads, positions)
 
-    def _settle_quietly(self, loss: float, optimizer: Any) -> None:
+    def _settle_quietly(self, loss: float) -> None:
         """The usual step, kept to one comparison: a loss under the detector's quiet bound cannot
         be a spike, whatever the few losses before it, so it is settled now and observed (scored,
         traced) at the next general step, in order, with the same result. Only what cannot be
         found later is read here: the step, the batch size, a change of learning rate."""
-        step, batch, batch_idx = self._step_counter.completed, self._held_batch, self._held_idx
-        groups = optimizer.param_groups
+        step, batch = self._step_counter.completed, self._held_batch
+        groups = self._optimizer.param_groups
         if len(groups) != 1 or groups[0]["lr"] != self._lr_seen:
-            self._record_lr(step, optimizer)
+            self._record_lr(step, self._optimizer)
         size = self._size_of(batch)
         self.steps_watched += 1
         self.batches_watched += 1
         self._quiet_left -= 1
-        self._settled.append((step, batch_idx, size, loss, self._trace_lr))
-        if self._looks_back:  # references only: read if the next step spikes; the batch for its evidence
-            self._held_lookback = (batch, batch_idx, step, size, loss, list(map(_GRAD_OF, self._grads.params)))
-        else:
-            self._held_lookback = None
+        self._settled.append((step, self._held_idx, size, loss, self._trace_lr))
+        if self._looks_back:  # its gradients are kept after its optimizer step, read if the next step spikes
+            self._settled_batch, self._keep_grads = batch, True
 
     def _plan_quiet_steps(self) -> None:
         """After a general step: how many of the next steps the quiet bound may settle (those before
@@ -932,29 +993,28 @@ class _SpikeWatchHooks:
             return
         self._quiet_below = self._release_below = _NEG_INF  # the windows move: no bound holds until planned again
         settled, self._settled = self._settled, []
-        held, self._held_lookback = self._held_lookback, None  # the last settled step: the one before this
-        if held is None:
+        grads, self._held_grads = self._held_grads, None  # the last settled step's: the one before this
+        batch, self._settled_batch = self._settled_batch, None
+        if grads is None:
             self._lookback = None
         else:
-            batch, batch_idx, step, size, loss, grads = held
+            step, batch_idx, size, loss, _ = settled[-1]
             self._lookback = _Lookback(_Batch(batch, batch_idx, step, self._epoch, size), loss, grads, None)
         zscores = self.detector.observe_settled([row[3] for row in settled])
         self._non_finite_streak = False
         self._last_loss_z = zscores[-1]
         self._step_grad_norm = None
         if self._log is not None and self.trace_every:
-            first, every, epoch = self.batches_watched - len(settled) + 1, self.trace_every, self._epoch
-            rows = [
-                (step, epoch, batch_idx, loss, loss_z, -1 if size is None else size, lr)
-                for number, (step, batch_idx, size, loss, lr), loss_z in zip(count(first), settled, zscores)
-                if number % every == 0
-            ]
-            self._attempt_trace(self._log.write_settled, rows)
-        sizes = [row[2] for row in settled if row[2] is not None]
-        if sizes:
-            if self._nominal_batch_size is None:
+            first = self.batches_watched - len(settled) + 1
+            self._attempt_trace(self._log.write_settled, self._epoch, settled, zscores, first, self.trace_every)
+        last_size = settled[-1][2]
+        if last_size is None or self._nominal_batch_size is None:  # rare: look at every row
+            sizes = [row[2] for row in settled if row[2] is not None]
+            if sizes and self._nominal_batch_size is None:
                 self._sizes.update(sizes)
-            self._previous_batch_size = sizes[-1]
+            last_size = sizes[-1] if sizes else None
+        if last_size is not None:
+            self._previous_batch_size = last_size
 
     def _reads_everything(self, trainer: Any) -> bool:
         """Whether this step reads gradient and input norms whatever its loss."""

@@ -11,7 +11,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from lightning_spikewatch.events import SpikeEvent, json_safe
 
@@ -23,8 +23,9 @@ PLOT_FILE = "spikes.png"
 SKIP_FILE = "skip_batches.jsonl"  # batches set aside by action="stop", skipped when the fit resumes
 TRACE_COLUMNS = ("step", "epoch", "batch_idx", "loss", "loss_z", "grad_norm", "input_rms", "batch_size", "lr", "spike")
 TRACE_FORMAT = "%d,%d,%d,%.6g,%.6g,%.6g,%.6g,%d,%.6g,%d\n"
-# A quiet step settled between reads: no norms read, no spike (formatting NaN costs as much as a number).
-SETTLED_FORMAT = "%d,%d,%d,%.6g,%.6g,nan,nan,%d,%.6g,0\n"
+# A quiet step settled between reads: no norms read, no spike. Epoch, batch size and learning rate
+# come formatted (they rarely change from one row to the next, and a float costs most to format).
+SETTLED_FORMAT = "%d,%s,%d,%.6g,%.6g,nan,nan,%s,%s,0\n"
 TRACE_BUFFER_ROWS = 512  # rows held in memory before they are written (bounded)
 
 
@@ -50,7 +51,8 @@ class SpikeLog:
         self._mode, self._suffix = mode, suffix
         if not append:  # a fresh fit starts with no batches set aside
             (self.log_dir / _with_suffix(SKIP_FILE, suffix)).unlink(missing_ok=True)
-        self._lines: list[str] = []
+        self._lines: list[str | _SettledRows] = []  # formatted rows, and runs of settled rows to format
+        self._buffered = 0  # rows in _lines
         if trace:
             path = self.log_dir / _with_suffix(STEPS_FILE, suffix)
             fresh = not append or not path.exists() or path.stat().st_size == 0
@@ -120,23 +122,40 @@ class SpikeLog:
             ],
         )
 
-    def write_settled(self, rows: list[tuple]) -> None:
-        """Buffer the rows of quiet steps settled between reads: ``(step, epoch, batch_idx, loss,
-        loss_z, batch_size, lr)``, written as ``write_step`` writes such a row (NaN norms, no spike)."""
-        self._buffer(SETTLED_FORMAT, rows)
+    def write_settled(
+        self,
+        epoch: int,
+        rows: list[tuple[int, int, int | None, float, float]],
+        loss_z: list[float],
+        first: int = 0,
+        every: int = 1,
+    ) -> None:
+        """Buffer the rows of quiet steps settled between reads, as ``write_step`` writes such a row
+        (NaN norms, no spike): ``rows`` hold ``(step, batch_idx, batch_size, loss, lr)``, ``loss_z``
+        their robust z. Row i is the ``first + i``-th batch of the run; with ``every`` > 1 only the
+        batches whose number is a multiple of it are kept. They are formatted when written, many at
+        once, not now: this runs for nearly every step."""
+        if self._steps is None or not rows:
+            return
+        self._lines.append(_SettledRows(epoch, rows, loss_z, first, every))
+        self._buffered += (first + len(rows) - 1) // every - (first - 1) // every
+        if self._buffered >= TRACE_BUFFER_ROWS:
+            self._write_rows()
 
     def _buffer(self, line_format: str, rows: list[tuple]) -> None:
         if self._steps is None:
             return
         self._lines += [line_format % row for row in rows]
-        if len(self._lines) >= TRACE_BUFFER_ROWS:
+        self._buffered += len(rows)
+        if self._buffered >= TRACE_BUFFER_ROWS:
             self._write_rows()
 
     def _write_rows(self) -> None:
         # One write per block of rows: several times cheaper than a write per step.
         if self._steps is not None and self._lines:
-            self._steps.write("".join(self._lines))
+            self._steps.write("".join(_lines_of(item) if type(item) is _SettledRows else item for item in self._lines))
         self._lines.clear()
+        self._buffered = 0
 
     def flush_trace(self) -> None:
         if self._steps is not None:
@@ -156,6 +175,36 @@ class SpikeLog:
             if handle is not None:
                 handle.close()
         self._spikes = self._steps = self._layers = self._skips = None
+
+
+_UNSET = object()  # equals no batch size or learning rate, None included
+
+
+class _SettledRows(NamedTuple):
+    """A run of settled steps waiting in the trace buffer, formatted when it is written."""
+
+    epoch: int
+    rows: list[tuple[int, int, int | None, float, float]]
+    loss_z: list[float]
+    first: int  # the batch number of the first row, for the trace's every-n-th rule
+    every: int
+
+
+def _lines_of(run: _SettledRows) -> str:
+    """The trace lines of a run of settled steps; the batch size and learning rate are formatted
+    once for as long as they stay the same."""
+    lines, epoch, every = [], str(run.epoch), run.every
+    size_key = lr_key = _UNSET
+    size_text = lr_text = ""
+    for number, ((step, batch_idx, size, loss, lr), loss_z) in enumerate(zip(run.rows, run.loss_z), run.first):
+        if every > 1 and number % every:
+            continue
+        if size != size_key:
+            size_key, size_text = size, "-1" if size is None else str(size)
+        if lr != lr_key:  # NaN never equals itself: formatted each time, as it is rare
+            lr_key, lr_text = lr, format(lr, ".6g")
+        lines.append(SETTLED_FORMAT % (step, epoch, batch_idx, loss, loss_z, size_text, lr_text))
+    return "".join(lines)
 
 
 def _with_suffix(name: str, suffix: str) -> str:

@@ -13,16 +13,14 @@ import overhead  # noqa: E402
 from blocks import (  # noqa: E402
     STEP_HOOKS,
     FloorSwitch,
-    GeneralSwitch,
     LookbackSwitch,
-    OwnWorkSwitch,
     PairedBlocks,
     PeriodSwitch,
     Switch,
 )
 
 from lightning_spikewatch import SpikeWatch  # noqa: E402
-from tests.e2e.tiny import PreviousGradientsAtBackward, TinyNet, fit, regression_data, seeded  # noqa: E402
+from tests.e2e.tiny import TinyNet, fit, regression_data, seeded  # noqa: E402
 
 
 class CountingWatch(SpikeWatch):
@@ -40,11 +38,11 @@ class CountingWatch(SpikeWatch):
 def test_switch_off_skips_every_step_hook_and_drops_held_references_and_on_restores_them(tmp_path):
     watch = SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
     watch.on_after_backward = None  # as SpikeWatch itself skips unused hooks during fit
-    watch._held_loss, watch._held_lookback = torch.ones(()), ("batch", [torch.zeros(3)])
+    watch._held_loss, watch._held_grads, watch._keep_grads = torch.ones(()), [torch.zeros(3)], True
     switch = Switch(watch)
     switch.off()
     assert all(getattr(watch, name) is None for name in STEP_HOOKS)
-    assert watch._held_loss is None and watch._held_lookback is None
+    assert watch._held_loss is None and watch._held_grads is None and not watch._keep_grads
     switch.off()  # a second off keeps what the first saved
     switch.on()
     assert watch.on_after_backward is None  # skipped by the watcher before: still skipped
@@ -70,10 +68,11 @@ def test_paired_blocks_run_the_watcher_in_exactly_one_block_of_each_pair(tmp_pat
 
 def test_lookback_switch_turns_only_the_lookback_off_and_drops_the_kept_gradients(tmp_path):
     watch = SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
-    watch._looks_back, watch._held_lookback = True, ("batch", [torch.zeros(3)])
+    watch._looks_back, watch._held_grads, watch._keep_grads = True, [torch.zeros(3)], True
     switch = LookbackSwitch(watch)
     switch.off()
-    assert watch._looks_back is False and watch._held_lookback is None and watch._lookback is None
+    assert watch._looks_back is False and watch._held_grads is None and watch._lookback is None
+    assert not watch._keep_grads
     assert "on_before_optimizer_step" not in vars(watch)  # the hooks still run
     switch.on()
     assert watch._looks_back is True
@@ -95,26 +94,41 @@ def _per_block(steps: list[int], skip: int, block: int, total: int) -> list[int]
     return [sum(start <= s < start + block for s in steps) for start in range(skip, total - block + 1, block)]
 
 
-def test_floor_switch_leaves_only_keeping_the_loss_and_one_read_of_it(tmp_path):
+def test_floor_switch_leaves_only_one_hook_call_at_backward_and_one_read_of_the_loss(tmp_path):
     watch = SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
     watch._held_loss = torch.ones(())
     switch = FloorSwitch(watch)
     switch.off()
-    kept, read = watch.on_before_backward, watch.on_before_optimizer_step
-    assert (
-        callable(kept) and callable(read) and getattr(read, "__func__", None) is not SpikeWatch.on_before_optimizer_step
-    )
-    assert all(
-        getattr(watch, name) is None
-        for name in STEP_HOOKS
-        if name not in ("on_before_backward", "on_before_optimizer_step")
-    )
+    read = watch.on_before_backward
+    assert callable(read) and getattr(read, "__func__", None) is not SpikeWatch.on_before_backward
+    assert all(getattr(watch, name) is None for name in STEP_HOOKS if name != "on_before_backward")
     assert watch._held_loss is None
-    kept(None, None, torch.tensor(2.0))
-    read(None, None, None)  # reads the kept loss, touches none of SpikeWatch's state
+    read(None, None, torch.tensor(2.0))  # reads the loss, touches none of SpikeWatch's state
     assert watch.steps_watched == 0
     switch.on()
     assert "on_before_backward" not in vars(watch) and "on_before_optimizer_step" not in vars(watch)
+
+
+class CountingPostHook(SpikeWatch):
+    """SpikeWatch that counts the steps on which torch called its optimizer post-hook."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.called: list[int] = []
+
+    def _after_optimizer_step(self, optimizer, args, kwargs):
+        self.called.append(self._step_counter.completed)
+        super()._after_optimizer_step(optimizer, args, kwargs)
+
+
+def test_switch_detaches_the_optimizer_post_hook_in_off_blocks(tmp_path):
+    watch = CountingPostHook(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    clock = PairedBlocks(Switch(watch), skip=40, device=torch.device("cpu"), block=16)
+    _fit_seed_mlp([clock, watch], 200)  # 10 blocks of 16 after the skip
+    counts = _per_block(watch.called, 40, 16, 200)
+    for first in range(0, len(counts) - 1, 2):  # every step of the on block, none of the off block
+        assert sorted([counts[first], counts[first + 1]]) == [0, 16]
+    assert watch._after_step_handle is None  # detached when fit ended
 
 
 def _fit_seed_mlp(callbacks: list, steps: int) -> None:
@@ -132,43 +146,3 @@ def test_period_switch_reads_four_times_as_often_in_on_blocks(tmp_path):
     for first in range(0, len(counts) - 1, 2):  # one block of each pair reads every 16th step
         assert (counts[first] == 4) != (counts[first + 1] == 4)
     assert all(step % 16 == 0 for step in watch.general if step >= 40)
-
-
-def test_general_switch_settles_every_step_of_an_off_block_and_resumes_reading_when_on(tmp_path):
-    watch = CountingGeneral(log_dir=tmp_path, print_spikes=False, print_summary=False)
-    clock = PairedBlocks(GeneralSwitch(watch), skip=40, device=torch.device("cpu"), block=16)
-    _fit_seed_mlp([clock, watch], 200)  # 10 blocks of 16 after the skip
-    counts = _per_block(watch.general, 40, 16, 200)
-    for first in range(0, len(counts) - 1, 2):  # one block of each pair reads, the other none at all
-        assert sorted([counts[first], counts[first + 1]]) == [0, 1]  # on: one read, when due
-    assert all(step % 16 == 0 for step in watch.general if step >= 40)  # at the read period, as unswitched
-    assert len(watch._settled) <= 16  # memory stays bounded in the off blocks
-    assert watch.steps_watched == 200  # every step seen, whether read or settled
-
-
-def test_own_work_switch_does_none_of_spikewatchs_work_off_yet_holds_the_gradients_as_the_lookback(tmp_path):
-    watch = CountingGeneral(log_dir=tmp_path, print_spikes=False, print_summary=False)
-    probe = PreviousGradientsAtBackward()
-    switch = OwnWorkSwitch(watch)
-    clock = PairedBlocks(switch, skip=40, device=torch.device("cpu"), block=16)
-    _fit_seed_mlp([clock, watch, probe], 200)  # 10 blocks of 16 after the skip
-    counts = _per_block(watch.general, 40, 16, 200)
-    for first in range(0, len(counts) - 1, 2):  # one block of each pair runs SpikeWatch, the other none of it
-        assert sorted([counts[first], counts[first + 1]]) == [0, 1]
-    assert watch.steps_watched < 200  # the off blocks' steps were not watched
-    # Gradients are held into the next step up to its backward, in the off blocks as in the on blocks:
-    # none of the off blocks' steps, and only those of SpikeWatch's read steps (every 16th) whose loss
-    # was over the bound, still hold them when backward starts.
-    held = {step for step in range(41, 200) if probe.alive[step]}
-    assert held <= {step for step in range(41, 200) if step % 16 == 0}
-
-
-def test_own_work_switch_holds_nothing_for_a_watcher_that_does_not_look_back(tmp_path):
-    watch = SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
-    watch._looks_back = False
-    switch = OwnWorkSwitch(watch)
-    switch.off()
-    read = watch.on_before_optimizer_step
-    assert read.__qualname__.startswith("FloorSwitch")  # the floor's own read, nothing more
-    switch.on()
-    assert "on_before_optimizer_step" not in vars(watch)

@@ -4,8 +4,10 @@ import csv
 import json
 import math
 
+import pytest
+
 from lightning_spikewatch.events import Cause, CauseScore, SpikeEvent
-from lightning_spikewatch.export import SpikeLog
+from lightning_spikewatch.export import TRACE_BUFFER_ROWS, SpikeLog
 
 SCHEMA = {
     "step",
@@ -71,16 +73,44 @@ def test_append_mode_keeps_earlier_lines_and_a_single_header(tmp_path):
     assert [r[0] for r in csv.reader((tmp_path / "steps.csv").open())] == ["step", "1", "1"]
 
 
-def test_settled_rows_are_written_as_write_step_writes_unread_quiet_rows(tmp_path):
-    rows = [(7, 1, 3, 0.123456789, -0.75, 32, 1e-3), (8, 1, 4, 2.5e-7, 1.25, -1, math.nan)]
+SETTLED = [  # (step, batch_idx, batch_size, loss, lr) and the loss z of each: sizes and rates change, or not
+    ((7, 3, 32, 0.123456789, 1e-3), -0.75),
+    ((8, 4, 32, 2.5e-7, 1e-3), 1.25),
+    ((9, 5, None, 3.0, math.nan), math.inf),
+    ((10, 6, 1, 1e30, math.nan), -2.0),
+    ((11, 7, 1, -0.5, 2.5e-4), math.nan),
+]
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_settled_rows_are_written_as_write_step_writes_unread_quiet_rows(tmp_path, every):
+    rows, loss_z = [row for row, _ in SETTLED], [z for _, z in SETTLED]
+    first = 4  # the batch number of the first row: with every=2 rows 0, 2, 4 are kept, with 3 row 2
     for name, settled in (("steps", False), ("settled", True)):
         log = SpikeLog(tmp_path / name)
         if settled:
-            log.write_settled(rows)
+            log.write_settled(1, rows[:2], loss_z[:2], first, every)
+            log.write_settled(1, rows[2:], loss_z[2:], first + 2, every)
         else:
-            for step, epoch, batch_idx, loss, loss_z, size, lr in rows:
-                log.write_step(step, epoch, batch_idx, loss, loss_z, None, None, None if size < 0 else size, lr, False)
+            for number, ((step, batch_idx, size, loss, lr), z) in enumerate(SETTLED, first):
+                if number % every == 0:
+                    log.write_step(step, 1, batch_idx, loss, z, None, None, size, lr, False)
         log.close()
     written = (tmp_path / "settled" / "steps.csv").read_text()
     assert written == (tmp_path / "steps" / "steps.csv").read_text()
-    assert written.splitlines()[1] == "7,1,3,0.123457,-0.75,nan,nan,32,0.001,0"
+    lines = written.splitlines()
+    assert len(lines) == 1 + {1: 5, 2: 3, 3: 1}[every]
+    if every == 1:
+        assert lines[1] == "7,1,3,0.123457,-0.75,nan,nan,32,0.001,0"
+        assert lines[3] == "9,1,5,3,inf,nan,nan,-1,nan,0"
+
+
+def test_the_trace_buffer_holds_at_most_its_bound_of_rows(tmp_path):
+    log = SpikeLog(tmp_path)
+    rows = [(step, step, 32, 1.0, 1e-3) for step in range(TRACE_BUFFER_ROWS - 1)]
+    log.write_settled(0, rows, [0.0] * len(rows))
+    assert log._buffered == TRACE_BUFFER_ROWS - 1  # formatted later, when written
+    log.write_settled(0, rows[:2], [0.0, 0.0])
+    assert log._buffered == 0  # the bound was reached: all of it went to the file
+    log.close()
+    assert (tmp_path / "steps.csv").read_text().count("\n") == 1 + TRACE_BUFFER_ROWS + 1

@@ -125,16 +125,15 @@ class RecordingReleases(SpikeWatch):
         self.quiet: set[int] = set()
         self.released: set[int] = set()
 
-    def _settle_quietly(self, loss, optimizer):
+    def _settle_quietly(self, loss):
         self.quiet.add(self._step_counter.completed)
-        super()._settle_quietly(loss, optimizer)
+        super()._settle_quietly(loss)
 
-    def _release_lookback_if_quiet(self, loss):
+    def on_before_backward(self, trainer, pl_module, loss):
         bound = self._quiet_below if self._quiet_left else self._release_below
-        host_loss = super()._release_lookback_if_quiet(loss)
-        if host_loss is not None and host_loss < bound:
+        super().on_before_backward(trainer, pl_module, loss)
+        if loss.item() < bound:
             self.released.add(self._step_counter.completed)
-        return host_loss
 
 
 def test_steps_that_cannot_spike_let_the_kept_gradients_go_before_backward_and_a_spike_still_reads_them(tmp_path):
