@@ -23,9 +23,6 @@ PLOT_FILE = "spikes.png"
 SKIP_FILE = "skip_batches.jsonl"  # batches set aside by action="stop", skipped when the fit resumes
 TRACE_COLUMNS = ("step", "epoch", "batch_idx", "loss", "loss_z", "grad_norm", "input_rms", "batch_size", "lr", "spike")
 TRACE_FORMAT = "%d,%d,%d,%.6g,%.6g,%.6g,%.6g,%d,%.6g,%d\n"
-# A quiet step settled between reads: no norms read, no spike. Epoch, batch size and learning rate
-# come formatted (they rarely change from one row to the next, and a float costs most to format).
-SETTLED_FORMAT = "%d,%s,%d,%.6g,%.6g,nan,nan,%s,%s,0\n"
 TRACE_BUFFER_ROWS = 512  # rows held in memory before they are written (bounded)
 
 
@@ -191,19 +188,19 @@ class _SettledRows(NamedTuple):
 
 
 def _lines_of(run: _SettledRows) -> str:
-    """The trace lines of a run of settled steps; the batch size and learning rate are formatted
-    once for as long as they stay the same."""
-    lines, epoch, every = [], str(run.epoch), run.every
+    """The trace lines of a run of settled steps. Epoch, batch size and learning rate go into the
+    line's format once for as long as they stay the same, leaving four numbers to format per line."""
+    lines, every = [], run.every
     size_key = lr_key = _UNSET
-    size_text = lr_text = ""
+    line = ""  # a quiet step settled between reads: no norms read, no spike
     for number, ((step, batch_idx, size, loss, lr), loss_z) in enumerate(zip(run.rows, run.loss_z), run.first):
         if every > 1 and number % every:
             continue
-        if size != size_key:
-            size_key, size_text = size, "-1" if size is None else str(size)
-        if lr != lr_key:  # NaN never equals itself: formatted each time, as it is rare
-            lr_key, lr_text = lr, format(lr, ".6g")
-        lines.append(SETTLED_FORMAT % (step, epoch, batch_idx, loss, loss_z, size_text, lr_text))
+        if size != size_key or lr != lr_key:  # NaN never equals itself: a NaN rate is formatted each time
+            size_key, lr_key = size, lr
+            size_text = "-1" if size is None else str(size)
+            line = f"%d,{run.epoch},%d,%.6g,%.6g,nan,nan,{size_text},{lr:.6g},0\n"  # as TRACE_FORMAT writes them
+        lines.append(line % (step, batch_idx, loss, loss_z))
     return "".join(lines)
 
 
