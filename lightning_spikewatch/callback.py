@@ -65,6 +65,7 @@ LAYER_SNAPSHOT_ROWS = 32  # steps of per-layer gradient norms written to layers.
 CPU_BASELINE_EVERY = 16  # on the CPU, read gradient and input norms every n-th step between spikes
 _GRAD_OF = operator.attrgetter("grad")  # a C-level getter: the quiet step keeps every gradient by reference
 _NEG_INF = -math.inf
+_SEQUENCES = (tuple, list)
 # Lightning calls every per-step hook on every callback, each call inside a profiler context with a
 # formatted name: about as costly as SpikeWatch's whole quiet step. It skips a hook that is not
 # callable (`_call_callback_hooks`: `if callable(fn)`, since Lightning 1.6), so during fit the hooks
@@ -370,14 +371,14 @@ class _SpikeWatchHooks:
         self._backward_only = False  # CPU lean path: quiet steps are settled at backward, with one hook call
         self._step_hook_skipped = False  # on_before_optimizer_step is None on the instance (a quiet step)
         self._may_skip_step_hook = False
+        self._first_dim_is_size = False  # no batch_size_fn: a batch's size is dim 0 of its first tensor
         self._after_step_handle: Any = None  # the optimizer step post-hook that keeps a quiet step's gradients
         self._keep_grads = False  # a quiet step was settled: its gradients are kept after its optimizer step
         self._held_grads: list[torch.Tensor | None] | None = None  # those gradients, by reference
         self._settled_batch: Any = None  # the batch of the last settled step, for the lookback's evidence
         self._settled: list[_Settled] = []  # quiet steps not yet observed by the detector
         self._quiet_left = 0  # lean path: steps that may still be settled before the next general step
-        self._quiet_below = _NEG_INF  # the detector's quiet bound for those steps
-        self._release_below = _NEG_INF  # a loss under it cannot spike up to and including the next general step
+        self._quiet_below = _NEG_INF  # a loss under it cannot spike up to and including the next read
         self._lr_changes: dict[int, deque[tuple[int, list[float]]]] = {}
         self._lr_seen = math.nan  # the learning rate of a single float param group, as last recorded
         self._trace_lr = math.nan  # the first param group's rate, as last recorded (NaN: not known)
@@ -567,6 +568,7 @@ class _SpikeWatchHooks:
         self._looks_back = self._backward_only
         # A subclass that overrides the optimizer step hook has it called on every step.
         self._may_skip_step_hook = type(self).on_before_optimizer_step is _SpikeWatchHooks.on_before_optimizer_step
+        self._first_dim_is_size = self.batch_size_fn is None
         self._skip_hooks(*_UNUSED_STEP_HOOKS)
         self._skip_batch_end_if_idle()
 
@@ -669,38 +671,39 @@ class _SpikeWatchHooks:
             return
         source = self._loop_batch
         if source is None:  # the batch start hook runs and holds the batch
-            number = self._batches_started
+            number, batch, batch_idx = self._batches_started, self._held_batch, self._held_idx
         else:  # read the batch and its index where Lightning keeps them during the step
             results, progress = source
             number = progress.ready
-            self._held_batch, self._held_idx = results.batch, number - 1
+            batch, batch_idx = results.batch, number - 1
         if number == self._open_batch:
             return  # the same step's closure run again (LBFGS): its first backward decided
         self._open_batch = number
         if not self._backward_only:  # on an accelerator the read would stall the queue: it waits for the step
-            self._held_loss = loss
+            self._held_batch, self._held_idx, self._held_loss = batch, batch_idx, loss
             return
         try:
             host_loss = loss.item()  # the step's one device-to-host transfer; on the CPU it waits for nothing
         except Exception as err:  # noqa: BLE001 - as _safely: the run goes on, watching stops
             self._disable("watch", err)
             return
-        if self._quiet_left and _NEG_INF < host_loss < self._quiet_below:
-            self._held_grads = self._lookback = None  # freed before backward allocates this step's
-            self._settle_quietly(host_loss)
-            if not self._step_hook_skipped and self._may_skip_step_hook:
-                self.on_before_optimizer_step = None  # settled: Lightning need not call it for this step
-                self._step_hook_skipped = True
-            return
-        self._expect_general_step(loss, host_loss)
-
-    def _expect_general_step(self, loss: torch.Tensor, host_loss: float) -> None:
-        """A CPU step the quiet bound did not settle: scored at its optimizer step. If its loss cannot
-        be a spike either (a read step under the bound planned to include it), the previous step's
-        gradients are let go now, as no attribution will need them: backward then allocates this
-        step's in their place, so the lookback never holds two sets at once on such steps."""
-        if _NEG_INF < host_loss < self._release_below:
+        if _NEG_INF < host_loss < self._quiet_below:
+            # Cannot be a spike, nor can the steps up to the next read: the previous step's gradients
+            # are let go now, as no attribution will need them, and backward allocates this step's in
+            # their place, so the lookback never holds two sets at once on such steps.
             self._held_grads = self._lookback = None
+            if self._quiet_left:
+                self._settle_quietly(host_loss, batch, batch_idx)
+                if not self._step_hook_skipped and self._may_skip_step_hook:
+                    self.on_before_optimizer_step = None  # settled: Lightning need not call it for this step
+                    self._step_hook_skipped = True
+                return
+        self._expect_general_step(loss, host_loss, batch, batch_idx)
+
+    def _expect_general_step(self, loss: torch.Tensor, host_loss: float, batch: Any, batch_idx: int) -> None:
+        """A CPU step the quiet bound did not settle (a read is due, or its loss may be a spike):
+        scored at its optimizer step."""
+        self._held_batch, self._held_idx = batch, batch_idx
         self._held_loss, self._held_host_loss = loss, host_loss
         if self._step_hook_skipped:
             del self.on_before_optimizer_step  # the class's hook runs again from this step on
@@ -724,7 +727,7 @@ class _SpikeWatchHooks:
             try:
                 host_loss = loss.item()  # the one device-to-host transfer
                 if _NEG_INF < host_loss < self._quiet_below:
-                    self._settle_quietly(host_loss)
+                    self._settle_quietly(host_loss, self._held_batch, self._held_idx)
                     return
             except Exception as err:  # noqa: BLE001 - as _safely: the run goes on, watching stops
                 self._disable("watch", err)
@@ -958,40 +961,43 @@ class _SpikeWatchHooks:
             grads, positions = self._grads.grads()  # references: no device work unless the next step spikes
             self._lookback = _Lookback(records[-1], losses[-1], grads, positions)
 
-    def _settle_quietly(self, loss: float) -> None:
+    def _settle_quietly(self, loss: float, batch: Any, batch_idx: int) -> None:
         """The usual step, kept to one comparison: a loss under the detector's quiet bound cannot
         be a spike, whatever the few losses before it, so it is settled now and observed (scored,
         traced) at the next general step, in order, with the same result. Only what cannot be
         found later is read here: the step, the batch size, a change of learning rate."""
-        step, batch = self._step_counter.completed, self._held_batch
+        step = self._step_counter.completed
         groups = self._optimizer.param_groups
         if len(groups) != 1 or groups[0]["lr"] != self._lr_seen:
             self._record_lr(step, self._optimizer)
-        size = self._size_of(batch)
+        if self._first_dim_is_size and type(batch) in _SEQUENCES and batch and type(batch[0]) is torch.Tensor:
+            shape = batch[0].shape  # the usual (x, y) batch, read without a call
+            size = shape[0] if shape and 0 not in shape else None
+        else:
+            size = self._size_of(batch)
         self.steps_watched += 1
         self.batches_watched += 1
         self._quiet_left -= 1
-        self._settled.append((step, self._held_idx, size, loss, self._trace_lr))
+        self._settled.append((step, batch_idx, size, loss, self._trace_lr))
         if self._looks_back:  # its gradients are kept after its optimizer step, read if the next step spikes
             self._settled_batch, self._keep_grads = batch, True
 
     def _plan_quiet_steps(self) -> None:
         """After a general step: how many of the next steps the quiet bound may settle (those before
-        the next gradient read, once warmed up), and the bound that holds for all of them."""
+        the next gradient read, once warmed up), and the bound that holds for all of them and for
+        the read after them (scored after at most ``left`` pushes): a loss under it cannot spike."""
         watched = self.steps_watched
-        left = -watched % self._every if watched >= self.warmup else 0
+        warm = watched >= self.warmup
+        left = -watched % self._every if warm else 0
         self._quiet_left = left
-        # The last of them is scored after ``left - 1`` pushes of the ones before it.
-        self._quiet_below = self.detector.quiet_bound(left - 1) if left else _NEG_INF
-        # The general step after them is scored after at most ``left`` pushes.
-        self._release_below = self.detector.quiet_bound(left) if watched >= self.warmup else _NEG_INF
+        self._quiet_below = self.detector.quiet_bound(left) if warm else _NEG_INF
 
     def _catch_up(self) -> None:
         """Observe the steps settled by the quiet bound, in order: the detector's windows, the
         trace and the batch sizes are then as if each had been scored at once."""
         if not self._settled:
             return
-        self._quiet_below = self._release_below = _NEG_INF  # the windows move: no bound holds until planned again
+        self._quiet_below = _NEG_INF  # the windows move: no bound holds until planned again
         settled, self._settled = self._settled, []
         grads, self._held_grads = self._held_grads, None  # the last settled step's: the one before this
         batch, self._settled_batch = self._settled_batch, None

@@ -125,12 +125,12 @@ class RecordingReleases(SpikeWatch):
         self.quiet: set[int] = set()
         self.released: set[int] = set()
 
-    def _settle_quietly(self, loss):
+    def _settle_quietly(self, loss, batch, batch_idx):
         self.quiet.add(self._step_counter.completed)
-        super()._settle_quietly(loss)
+        super()._settle_quietly(loss, batch, batch_idx)
 
     def on_before_backward(self, trainer, pl_module, loss):
-        bound = self._quiet_below if self._quiet_left else self._release_below
+        bound = self._quiet_below
         super().on_before_backward(trainer, pl_module, loss)
         if loss.item() < bound:
             self.released.add(self._step_counter.completed)
