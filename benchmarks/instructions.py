@@ -130,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", default="seed_mlp")
     parser.add_argument("--variants", help="comma-separated names from overhead.py (default: all)")
-    parser.add_argument("--steps", type=int, default=128, help="counted steps (a multiple of 16 charges periodic work)")
+    parser.add_argument("--steps", type=int, default=128, help="counted steps (a multiple of the read period, 32)")
     parser.add_argument("--skip", type=int, default=40, help="steps run before counting starts")
     parser.add_argument("--out", type=Path, help="write the counts as JSON")
     parser.add_argument("--cache-sim", action="store_true", help="also count simulated last-level cache misses")

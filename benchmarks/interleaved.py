@@ -3,12 +3,12 @@
 On a shared machine the step time drifts by tens of percent within seconds, far more than the few
 percent being measured, and whole runs taken one after another (``overhead.py``) feel that drift.
 Here every variant's fit runs at once, one thread each, but only one of them steps at a time: each
-runs one block of 16 steps, then hands the turn to the next, in a fresh random order every round.
+runs one block of 32 steps (one read period), then hands the turn to the next, in a fresh random order every round.
 A variant's k-th block and bare's k-th block are then a few tens of milliseconds apart, and the
 ratio of the two sees nearly the same machine. The result is, per variant, the median of those
 per-round ratios (with its interquartile range) over hundreds of rounds.
 
-    python benchmarks/interleaved.py                           # seed MLP, 300 rounds of 16 steps
+    python benchmarks/interleaved.py                           # seed MLP, 300 rounds of 32 steps
     python benchmarks/interleaved.py --against 00a80aa         # also an earlier commit's SpikeWatch
     python benchmarks/interleaved.py --accelerator gpu --out interleaved_gpu.json
 
@@ -21,7 +21,7 @@ Meant for models whose gradients are small (the seed MLP). With tens of MB of gr
 (the medium MLP), fits in several threads disturb each other's memory allocation: bare timed
 against a second bare fit came out 6% apart there. Time such models with ``overhead.py``.
 
-Each block holds exactly one of SpikeWatch's periodic CPU reads (every 16th step), so its cost is
+Each block holds exactly one of SpikeWatch's periodic CPU reads (every 32nd step), so its cost is
 charged to the steps in between. A median ignores what happens in fewer than half the blocks: the
 trace flush every 512 steps and epoch ends; the mean ratio is printed beside it to show them.
 """

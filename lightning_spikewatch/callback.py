@@ -62,7 +62,7 @@ from lightning_spikewatch.stats import VectorHistory
 TOP_SAMPLES = 3
 LR_LOOKBACK = 8  # steps back in which a learning-rate jump can explain a spike
 LAYER_SNAPSHOT_ROWS = 32  # steps of per-layer gradient norms written to layers.jsonl per spike
-CPU_BASELINE_EVERY = 16  # on the CPU, read gradient and input norms every n-th step between spikes
+CPU_BASELINE_EVERY = 32  # on the CPU, read gradient and input norms every n-th step between spikes
 _GRAD_OF = operator.attrgetter("grad")  # a C-level getter: the quiet step keeps every gradient by reference
 _NEG_INF = -math.inf
 _SEQUENCES = (tuple, list)
@@ -186,7 +186,7 @@ class _SpikeWatchHooks:
         baseline_every: read the gradient and input norms on every n-th step to keep their
             baselines; a spike, and the step just before it, are always read in full. None (the
             default): every step on accelerators, where one fused norm riding the loss's transfer
-            is cheap, and every 16th step on the CPU, where it costs more than the rest of SpikeWatch
+            is cheap, and every 32nd step on the CPU, where it costs more than the rest of SpikeWatch
             together. On the CPU the step before is read from its gradients, kept alive by reference
             for one step (one more set of gradients in host memory); on an accelerator with n > 1 it
             is not read back, which would hold a second set of gradients in device memory. With an

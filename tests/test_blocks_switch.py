@@ -20,6 +20,7 @@ from blocks import (  # noqa: E402
 )
 
 from lightning_spikewatch import SpikeWatch  # noqa: E402
+from lightning_spikewatch.callback import CPU_BASELINE_EVERY  # noqa: E402
 from tests.e2e.tiny import TinyNet, fit, regression_data, seeded  # noqa: E402
 
 
@@ -78,18 +79,6 @@ def test_lookback_switch_turns_only_the_lookback_off_and_drops_the_kept_gradient
     assert watch._looks_back is True
 
 
-class CountingGeneral(SpikeWatch):
-    """SpikeWatch that records the step of each general (not quietly settled) lean-path step."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.general: list[int] = []
-
-    def _lean_general_step(self, trainer, *args):
-        self.general.append(trainer.global_step)
-        super()._lean_general_step(trainer, *args)
-
-
 def _per_block(steps: list[int], skip: int, block: int, total: int) -> list[int]:
     return [sum(start <= s < start + block for s in steps) for start in range(skip, total - block + 1, block)]
 
@@ -137,12 +126,26 @@ def _fit_seed_mlp(callbacks: list, steps: int) -> None:
     overhead.quiet_trainer(steps, "cpu", callbacks).fit(workload.model(), workload.loader(steps))
 
 
-def test_period_switch_reads_four_times_as_often_in_on_blocks(tmp_path):
-    watch = CountingGeneral(log_dir=tmp_path, print_spikes=False, print_summary=False)
-    clock = PairedBlocks(PeriodSwitch(watch), skip=40, device=torch.device("cpu"), block=64)
-    _fit_seed_mlp([clock, watch], 360)  # 5 blocks of 64 after the skip
-    counts = _per_block(watch.general, 40, 64, 360)
-    assert sorted(set(counts)) in ([1, 2, 4], [1, 4], [2, 4])  # on: every 16th step; off: every 64th
-    for first in range(0, len(counts) - 1, 2):  # one block of each pair reads every 16th step
-        assert (counts[first] == 4) != (counts[first + 1] == 4)
-    assert all(step % 16 == 0 for step in watch.general if step >= 40)
+class CountingReads(SpikeWatch):
+    """SpikeWatch that records the step of each read of gradient and input norms."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.reads: list[int] = []
+
+    def _read_step(self, trainer, records):
+        self.reads.append(trainer.global_step)
+        return super()._read_step(trainer, records)
+
+
+def test_period_switch_reads_twice_as_often_in_on_blocks(tmp_path):
+    every = CPU_BASELINE_EVERY
+    block = 2 * every * PeriodSwitch.SLOW  # two reads off, four on
+    watch = CountingReads(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    clock = PairedBlocks(PeriodSwitch(watch), skip=40, device=torch.device("cpu"), block=block)
+    steps = 40 + 4 * block
+    _fit_seed_mlp([clock, watch], steps)  # 4 blocks after the skip
+    counts = _per_block(watch.reads, 40, block, steps)
+    for first in range(0, len(counts) - 1, 2):  # on: every read period; off: half as often
+        assert sorted([counts[first], counts[first + 1]]) == [2, 4]
+    assert all(step % every == 0 for step in watch.reads if step >= 40)
