@@ -331,7 +331,8 @@ def process_peaks(workload: Workload, accelerator: str, skip: int, reps: int, co
         )
     console.print(table)
     gradients_mb = workload.parameters * 4 / 2**20
-    console.print(f"one set of {workload.name}'s float32 gradients is {gradients_mb:.1f} MB.\n")
+    size = f"{gradients_mb:.1f} MB" if gradients_mb >= 0.1 else f"{gradients_mb * 1024:.0f} KB"
+    console.print(f"one set of {workload.name}'s float32 gradients is {size}.\n")
     return {"reps": reps, "gradients_mb": gradients_mb, "variants": rows}
 
 
@@ -548,17 +549,17 @@ def spike_cost(workload: Workload, accelerator: str, console: Console) -> dict:
 
 
 PARTS = {  # where SpikeWatch's per-step time goes; indented names run inside the hook above them
-    "on_train_batch_start": "hook: keep the batch by reference",
-    "on_before_backward": "hook: keep the loss",
-    "on_before_optimizer_step": "hook: the step's work",
-    "_settle_quietly": "  quiet step: settled by the bound (step, size, lr, gradients kept)",
-    "_size_of": "    the batch size",
+    "on_train_batch_start": "hook: batch start (first step only, then the batch is read where Lightning keeps it)",
+    "on_before_backward": "hook: before backward: the loss's one item(), and on quiet steps their settle",
+    "_settle_quietly": "  quiet step: settled by the bound (step, batch size, learning rate)",
+    "_after_optimizer_step": "optimizer post-hook: a quiet step's gradients kept by reference (lookback)",
+    "on_before_optimizer_step": "hook: before the optimizer step (general steps only)",
     "_lean_general_step": "  general step: warm-up, every n-th step, near-spikes",
     "_catch_up": "    settled steps scored in order, their trace rows",
     "observe_settled": "      detector: robust z of the settled losses",
     "write_settled": "      their steps.csv rows",
     "_read_step": "    fused gradient + input norms and their transfer",
-    "_read_batch": "      the batch's input tensors",
+    "_read_batch": "      the batch's input tensors and size",
     "_evaluate_read": "    layer history, detector and trace of this step",
     "observe_quietly": "      detector: robust z of this step's loss",
     "_plan_quiet_steps": "    the quiet bound for the next steps",
