@@ -365,8 +365,7 @@ class _SpikeWatchHooks:
         self._follow_loop_untried = False
         self._held_loss: torch.Tensor | None = None  # lean path: this step's loss, as passed to backward
         self._held_host_loss: float | None = None  # lean path on CPU: that loss, read before backward
-        self._open_batch = -1  # lean path: the batch whose first backward was seen (a closure may run several)
-        self._batches_started = 0  # lean path where batch start runs: its count, standing in for the loop's
+        self._open_step = -1  # lean path: the optimizer step whose first backward was seen (a closure may run several)
         self._optimizer: Any = None  # lean path: the one optimizer, for the learning rate of quiet steps
         self._backward_only = False  # CPU lean path: quiet steps are settled at backward, with one hook call
         self._step_hook_skipped = False  # on_before_optimizer_step is None on the instance (a quiet step)
@@ -622,7 +621,6 @@ class _SpikeWatchHooks:
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._lean:  # references only (nothing here can fail); a record is made if the step is not quiet
             self._held_batch, self._held_idx = batch, batch_idx
-            self._batches_started += 1
             if self._follow_loop_untried:
                 self._follow_loop_untried = False
                 self._attempt("watch", self._follow_loop, trainer, batch, batch_idx)
@@ -669,16 +667,18 @@ class _SpikeWatchHooks:
         if not self._lean:
             self._keep_loss(loss)
             return
+        # The optimizer step, not the batch: the epoch's batch counter is 1 at every step of a
+        # one-batch epoch (full-batch training), while a closure run again (LBFGS) keeps the step.
+        step = self._step_counter.completed
+        if step == self._open_step:
+            return  # the same step's closure run again: its first backward decided
+        self._open_step = step
         source = self._loop_batch
         if source is None:  # the batch start hook runs and holds the batch
-            number, batch, batch_idx = self._batches_started, self._held_batch, self._held_idx
+            batch, batch_idx = self._held_batch, self._held_idx
         else:  # read the batch and its index where Lightning keeps them during the step
             results, progress = source
-            number = progress.ready
-            batch, batch_idx = results.batch, number - 1
-        if number == self._open_batch:
-            return  # the same step's closure run again (LBFGS): its first backward decided
-        self._open_batch = number
+            batch, batch_idx = results.batch, progress.ready - 1
         if not self._backward_only:  # on an accelerator the read would stall the queue: it waits for the step
             self._held_batch, self._held_idx, self._held_loss = batch, batch_idx, loss
             return
@@ -693,7 +693,7 @@ class _SpikeWatchHooks:
             # their place, so the lookback never holds two sets at once on such steps.
             self._held_grads = self._lookback = None
             if self._quiet_left:
-                self._settle_quietly(host_loss, batch, batch_idx)
+                self._settle_quietly(host_loss, batch, batch_idx, step)
                 if not self._step_hook_skipped and self._may_skip_step_hook:
                     self.on_before_optimizer_step = None  # settled: Lightning need not call it for this step
                     self._step_hook_skipped = True
@@ -727,7 +727,7 @@ class _SpikeWatchHooks:
             try:
                 host_loss = loss.item()  # the one device-to-host transfer
                 if _NEG_INF < host_loss < self._quiet_below:
-                    self._settle_quietly(host_loss, self._held_batch, self._held_idx)
+                    self._settle_quietly(host_loss, self._held_batch, self._held_idx, self._step_counter.completed)
                     return
             except Exception as err:  # noqa: BLE001 - as _safely: the run goes on, watching stops
                 self._disable("watch", err)
@@ -961,12 +961,11 @@ class _SpikeWatchHooks:
             grads, positions = self._grads.grads()  # references: no device work unless the next step spikes
             self._lookback = _Lookback(records[-1], losses[-1], grads, positions)
 
-    def _settle_quietly(self, loss: float, batch: Any, batch_idx: int) -> None:
+    def _settle_quietly(self, loss: float, batch: Any, batch_idx: int, step: int) -> None:
         """The usual step, kept to one comparison: a loss under the detector's quiet bound cannot
         be a spike, whatever the few losses before it, so it is settled now and observed (scored,
         traced) at the next general step, in order, with the same result. Only what cannot be
         found later is read here: the step, the batch size, a change of learning rate."""
-        step = self._step_counter.completed
         groups = self._optimizer.param_groups
         if len(groups) != 1 or groups[0]["lr"] != self._lr_seen:
             self._record_lr(step, self._optimizer)

@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from lightning_spikewatch import SpikeWatch
-from tests.e2e.tiny import BATCH, TinyNet, fit, position, regression_data, seeded, tiny_net_class
+from tests.e2e.tiny import BATCH, TinyNet, fit, loader, position, regression_data, seeded, tiny_net_class
 
 
 def watch(tmp_path, **kwargs) -> SpikeWatch:
@@ -310,3 +310,25 @@ def test_a_subclass_keeps_the_hooks_it_overrides(tmp_path):
     trainer = fit(seeded(TinyNet), outlier_data(), [w])
     assert w.backwards == trainer.global_step == 60
     assert_outlier_found(w)
+
+
+def _trace_steps(log_dir) -> list[int]:
+    with open(log_dir / "steps.csv") as f:
+        return [int(row["step"]) for row in csv.DictReader(f)]
+
+
+def test_one_batch_per_epoch_watches_every_step_and_finds_a_spike_in_a_later_epoch(tmp_path):
+    # Full-batch training: the epoch loop's batch counter is 1 at every step, so it cannot tell one
+    # step's backward from the next (it once left every step after the first unwatched).
+    data = regression_data(n=BATCH * 4)
+    clean = watch(tmp_path / "clean")
+    fit(seeded(TinyNet, optimizer="sgd", lr=0.1), loader(data, batch_size=len(data)), [clean], max_epochs=150)
+    assert clean.steps_watched == 150 and clean.spikes == []
+    assert _trace_steps(tmp_path / "clean") == list(range(150))
+    jumped = watch(tmp_path / "jumped")
+    model = seeded(TinyNet, optimizer="sgd", lr=0.1, lr_jump=(100, 60.0))
+    fit(model, loader(data, batch_size=len(data)), [jumped], max_epochs=150)
+    assert jumped.steps_watched == 150
+    first = jumped.spikes[0]
+    assert (first.epoch, first.batch_idx, first.cause) == (first.step, 0, "learning_rate")
+    assert 100 <= first.step <= 102

@@ -125,9 +125,9 @@ class RecordingReleases(SpikeWatch):
         self.quiet: set[int] = set()
         self.released: set[int] = set()
 
-    def _settle_quietly(self, loss, batch, batch_idx):
-        self.quiet.add(self._step_counter.completed)
-        super()._settle_quietly(loss, batch, batch_idx)
+    def _settle_quietly(self, loss, batch, batch_idx, step):
+        self.quiet.add(step)
+        super()._settle_quietly(loss, batch, batch_idx, step)
 
     def on_before_backward(self, trainer, pl_module, loss):
         bound = self._quiet_below
