@@ -653,13 +653,10 @@ class _SpikeWatchHooks:
 
     def _size_of(self, batch: Any, inputs: list[torch.Tensor] | None = None) -> int | None:
         """The batch size: ``batch_size_fn`` when given, else dim 0 of the first input tensor, as
-        Lightning does; for the usual ``(x, y)`` batch without listing its inputs."""
+        Lightning does (the quiet step reads the usual ``(x, y)`` batch's in place)."""
         if self.batch_size_fn is not None:
             return self.batch_size_fn(batch)
         if inputs is None:
-            if type(batch) in (tuple, list) and batch and type(batch[0]) is torch.Tensor:
-                shape = batch[0].shape
-                return shape[0] if shape and 0 not in shape else None  # None for a scalar or an empty tensor
             inputs = input_tensors(batch, self.target_keys)
         return batch_size_of(inputs) or batch_size_of(tensor_leaves(batch))
 
@@ -971,7 +968,7 @@ class _SpikeWatchHooks:
             self._record_lr(step, self._optimizer)
         if self._first_dim_is_size and type(batch) in _SEQUENCES and batch and type(batch[0]) is torch.Tensor:
             shape = batch[0].shape  # the usual (x, y) batch, read without a call
-            size = shape[0] if shape and 0 not in shape else None
+            size = shape[0] if shape and 0 not in shape else None  # None for a scalar or an empty tensor
         else:
             size = self._size_of(batch)
         self.steps_watched += 1
