@@ -649,16 +649,40 @@ class _SpikeWatchHooks:
         record.epoch = self._epoch
         record.inputs = input_tensors(record.batch, self.target_keys)
         record.input_numel = sum(t.numel() for t in record.inputs)
-        record.size = self._size_of(record.batch, record.inputs)
+        record.size = self._size_of(record.batch, record.batch_idx, record.inputs)
 
-    def _size_of(self, batch: Any, inputs: list[torch.Tensor] | None = None) -> int | None:
+    def _size_of(self, batch: Any, batch_idx: int, inputs: list[torch.Tensor] | None = None) -> int | None:
         """The batch size: ``batch_size_fn`` when given, else dim 0 of the first input tensor, as
         Lightning does (the quiet step reads the usual ``(x, y)`` batch's in place)."""
         if self.batch_size_fn is not None:
-            return self.batch_size_fn(batch)
+            return self._user_batch_size(batch, batch_idx)
         if inputs is None:
             inputs = input_tensors(batch, self.target_keys)
         return batch_size_of(inputs) or batch_size_of(tensor_leaves(batch))
+
+    def _user_batch_size(self, batch: Any, batch_idx: int) -> int | None:
+        """``batch_size_fn(batch)``, as an int. The user's function may fail on a batch it did not
+        expect: then sizes are unknown (None) from here on, with one warning, and the rest goes on."""
+        if "batch_size" in self._disabled:
+            return None
+        try:
+            size = self.batch_size_fn(batch)
+            size = size if type(size) is int else operator.index(size)  # numpy and 0-dim integer tensors too
+            if size < 0:
+                raise ValueError(f"it returned {size}")
+            return size
+        except Exception as err:  # noqa: BLE001 - the user's function: the run goes on, sizes are unknown
+            self._disabled.add("batch_size")
+            warnings.warn(
+                f"SpikeWatch: batch_size_fn failed on batch {batch_idx} of epoch {self._epoch} "
+                f"({type(err).__name__}: {err}). SpikeWatch no longer knows batch sizes for the rest of this run, "
+                "so it cannot name a short batch or the sample behind a spike; all else goes on, and so does "
+                "training. Make batch_size_fn return the number of samples (an int >= 0) for every batch, or "
+                "leave it out to use dim 0 of the batch's first tensor.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         if not self._lean:
@@ -681,20 +705,20 @@ class _SpikeWatchHooks:
             return
         try:
             host_loss = loss.item()  # the step's one device-to-host transfer; on the CPU it waits for nothing
+            if _NEG_INF < host_loss < self._quiet_below:
+                # Cannot be a spike, nor can the steps up to the next read: the previous step's gradients
+                # are let go now, as no attribution will need them, and backward allocates this step's in
+                # their place, so the lookback never holds two sets at once on such steps.
+                self._held_grads = self._lookback = None
+                if self._quiet_left:
+                    self._settle_quietly(host_loss, batch, batch_idx, step)  # may call the user's batch_size_fn
+                    if not self._step_hook_skipped and self._may_skip_step_hook:
+                        self.on_before_optimizer_step = None  # settled: Lightning need not call it for this step
+                        self._step_hook_skipped = True
+                    return
         except Exception as err:  # noqa: BLE001 - as _safely: the run goes on, watching stops
             self._disable("watch", err)
             return
-        if _NEG_INF < host_loss < self._quiet_below:
-            # Cannot be a spike, nor can the steps up to the next read: the previous step's gradients
-            # are let go now, as no attribution will need them, and backward allocates this step's in
-            # their place, so the lookback never holds two sets at once on such steps.
-            self._held_grads = self._lookback = None
-            if self._quiet_left:
-                self._settle_quietly(host_loss, batch, batch_idx, step)
-                if not self._step_hook_skipped and self._may_skip_step_hook:
-                    self.on_before_optimizer_step = None  # settled: Lightning need not call it for this step
-                    self._step_hook_skipped = True
-                return
         self._expect_general_step(loss, host_loss, batch, batch_idx)
 
     def _expect_general_step(self, loss: torch.Tensor, host_loss: float, batch: Any, batch_idx: int) -> None:
@@ -800,16 +824,16 @@ class _SpikeWatchHooks:
         # Not under the "watch" guard: a collective must run on every rank or on none.
         self._attempt("distributed", self._gather, trainer)
 
-    @_safely("watch")
     def _flush_epoch(self, trainer: Any) -> None:
-        self._catch_up()
-        if self._log is not None:
+        self._attempt("watch", self._catch_up)
+        if self._log is not None:  # also after watching failed: what was seen until then is kept
             self._attempt("export", self._log.flush_trace)
 
-    @_safely("distributed")
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        self._gather(trainer)
-        self._attempt("watch", self._finish, trainer)
+        self._attempt("distributed", self._gather, trainer)
+        # Not under the "watch" guard: after a failure the summary still tells what was seen until
+        # then (and that watching stopped), and the files are closed.
+        self._attempt("summary", self._finish, trainer)
 
     def _gather(self, trainer: Any) -> None:
         """Hand the events of the other ranks to rank zero: one collective per epoch, never per step."""
@@ -838,9 +862,8 @@ class _SpikeWatchHooks:
                     self._attempt("console", self._announce, trainer, report.spike_line(event))
         self.spikes.sort(key=lambda event: (event.step, event.rank, event.batch_idx))
 
-    @_safely("watch")
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._finish(trainer)
+        self._attempt("summary", self._finish, trainer)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._restore_hooks()  # after fit (also a failed one) every hook is the class's again
@@ -970,7 +993,7 @@ class _SpikeWatchHooks:
             shape = batch[0].shape  # the usual (x, y) batch, read without a call
             size = shape[0] if shape and 0 not in shape else None  # None for a scalar or an empty tensor
         else:
-            size = self._size_of(batch)
+            size = self._size_of(batch, batch_idx)
         self.steps_watched += 1
         self.batches_watched += 1
         self._quiet_left -= 1

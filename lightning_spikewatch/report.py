@@ -262,7 +262,7 @@ def summary_renderable(summary: Mapping[str, Any], events: Sequence[SpikeEvent |
         )
     if summary.get("disabled"):
         parts.append(
-            Text("Signals disabled after an internal error: " + ", ".join(summary["disabled"]), style="yellow")
+            Text("Switched off after an error (see its warning): " + ", ".join(summary["disabled"]), style="yellow")
         )
     return Panel(Group(*parts), title="SpikeWatch summary", title_align="left")
 

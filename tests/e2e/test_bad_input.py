@@ -292,3 +292,83 @@ def test_crash_in_user_code_keeps_what_was_found(tmp_path):
     lines = (tmp_path / "spikes.jsonl").read_text().splitlines()
     assert [json.loads(line)["batch_idx"] for line in lines] == [40]
     assert json.loads((tmp_path / "summary.json").read_text())["spikes"] == 1
+
+
+def weighted_batches(samples):
+    features, labels = torch.utils.data.default_collate(samples)
+    return torch.ones(4), features, labels  # 4 class weights first: dim 0 is 4, whatever the batch
+
+
+LAST = 31  # the index of each epoch's batch of one
+EPOCHS = 15
+STEPS = EPOCHS * (LAST + 1)
+
+
+def short_batch_run(tmp_path, **kwargs) -> tuple[SpikeWatch, list[dict[str, str]], list[str]]:
+    import csv
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+    import seed_adam_spikes as demo
+
+    class WeightedSeedMLP(demo.SeedMLP):
+        """The seed MLP on ``(class_weights, features, labels)`` batches: the first tensor is not per
+        sample, so the batch size is not its first dimension and needs ``batch_size_fn``."""
+
+        def training_step(self, batch, batch_idx):
+            weights, features, labels = batch
+            return F.cross_entropy(self.net(features), labels, weight=weights)
+
+    pl.seed_everything(0, verbose=False)
+    data = demo.make_dataset()  # 31 x 32 + 1 samples: each epoch ends on a batch of one
+    assert len(data) == LAST * BATCH + 1
+    w = watch(tmp_path, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(WeightedSeedMLP(), loader(data, shuffle=True, collate_fn=weighted_batches), [w], max_epochs=EPOCHS)
+    with (tmp_path / "steps.csv").open() as f:
+        return w, list(csv.DictReader(f)), our_warnings(caught)
+
+
+def test_batch_size_fn_sizes_every_batch_and_the_short_batch_is_named(tmp_path):
+    w, trace, said = short_batch_run(tmp_path / "fn", batch_size_fn=lambda batch: len(batch[2]))
+    assert said == [] and len(trace) == STEPS and w.summary()["disabled"] == []
+    # Every step's size, settled quietly, read or flagged alike: 32, and 1 at each epoch's end.
+    sizes = {(int(r["batch_idx"]), int(r["batch_size"])) for r in trace}
+    assert sizes == {(LAST, 1)} | {(i, BATCH) for i in range(LAST)}
+    assert len(w.spikes) >= 2
+    for event in w.spikes:
+        assert event.batch_idx == LAST and event.cause == "short_batch" and event.evidence["batch_size"] == 1
+
+    _, unsized, _ = short_batch_run(tmp_path / "default")  # without it: dim 0 of the first tensor
+    assert {r["batch_size"] for r in unsized} == {"4"}
+
+
+def test_batch_size_fn_that_fails_stops_only_batch_sizes_with_one_warning_and_training_goes_on(tmp_path):
+    calls = []
+
+    def breaks_on_the_400th_batch(batch):
+        calls.append(1)
+        if len(calls) == 400:
+            raise KeyError("labels")
+        return len(batch[2])
+
+    w, trace, said = short_batch_run(tmp_path, batch_size_fn=breaks_on_the_400th_batch)
+    assert len(said) == 1 and "batch_size_fn failed on batch" in said[0] and "KeyError" in said[0]
+    assert len(calls) == 400  # not called again
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["disabled"] == ["batch_size"] and summary["steps_watched"] == STEPS and len(trace) == STEPS
+    sizes = [int(r["batch_size"]) for r in trace]
+    failed_at = sizes.index(-1)
+    assert 380 <= failed_at < 400 and set(sizes[failed_at:]) == {-1}  # known up to the failure, then unknown
+    before = [(e.step, e.cause) for e in w.spikes if e.step < failed_at]
+    assert before == [(351, "short_batch")]  # found before the failure, as with a working batch_size_fn
+    assert all(e.cause != "short_batch" for e in w.spikes if e.step >= failed_at)  # no size, no such claim
+
+
+@pytest.mark.parametrize("returned", [3.5, "32", -1])
+def test_batch_size_fn_that_returns_no_size_is_reported_once(tmp_path, returned):
+    w, trace, said = short_batch_run(tmp_path, batch_size_fn=lambda batch: returned)
+    assert len(said) == 1 and "batch_size_fn failed on batch 0 of epoch 0" in said[0]
+    assert {r["batch_size"] for r in trace} == {"-1"} and w.summary()["disabled"] == ["batch_size"]

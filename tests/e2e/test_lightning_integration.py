@@ -186,6 +186,31 @@ def test_failure_in_a_hook_never_reaches_the_fit_loop(tmp_path, monkeypatch):
     assert trainer.global_step == 60 and w.spikes == []
 
 
+def test_after_watching_fails_the_summary_still_tells_what_was_found_and_the_files_are_closed(
+    tmp_path, monkeypatch, capsys
+):
+    from lightning_spikewatch.detector import SpikeDetector
+
+    original, calls = SpikeDetector.observe_settled, []
+
+    def fails_on_the_third_catch_up(self, losses):
+        calls.append(len(losses))
+        if len(calls) == 3:  # after the spike at 40, before the end of the run
+            raise RuntimeError("simulated bug")
+        return original(self, losses)
+
+    monkeypatch.setattr(SpikeDetector, "observe_settled", fails_on_the_third_catch_up)
+    w = SpikeWatch(log_dir=tmp_path, print_spikes=False)
+    with pytest.warns(RuntimeWarning, match="'watch' part failed"):
+        trainer = fit(seeded(TinyNet), outlier_data(), [w])
+    assert trainer.global_step == 60 and len(calls) == 3
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["disabled"] == ["watch"] and summary["spikes"] == 1 and summary["worst"][0]["batch_idx"] == 40
+    assert (tmp_path / "steps.csv").read_text().count("\n") > 40  # written up to the failure
+    assert w._log._steps is None  # closed
+    assert "Switched off after an error (see its warning): watch" in capsys.readouterr().out
+
+
 def test_unwritable_log_dir_warns_once_and_training_continues(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
