@@ -503,7 +503,12 @@ class _SpikeWatchHooks:
         return self._state_key
 
     def state_dict(self) -> dict[str, Any]:
-        """Windows, spike history and counters, so a resumed fit needs no second warm-up."""
+        """Windows, spike history and counters, so a resumed fit needs no second warm-up. Called by
+        the user's checkpointing, which must not fail because of it: on an error nothing is saved
+        (a resumed fit then warms up again), with one warning."""
+        return self._attempt("checkpoint", self._state) or {}
+
+    def _state(self) -> dict[str, Any]:
         self._attempt("watch", self._catch_up)
         layers = self._layer_history
         return {

@@ -6,6 +6,7 @@ import random
 import tracemalloc
 
 import pytest
+import torch
 
 from lightning_spikewatch import SpikeWatch
 from lightning_spikewatch.detector import SpikeDetector, StepSignals
@@ -90,6 +91,33 @@ def test_two_instances_in_one_trainer_write_separately_and_both_resume(tmp_path)
     fit(seeded(TinyNet), data, [c, d], default_root_dir=tmp_path, max_epochs=2, ckpt_path=checkpoint)
     assert [e.step for e in c.spikes][:1] == [40] and c.steps_watched == 120
     assert d.steps_watched == 120
+
+
+def test_a_failure_to_save_its_state_never_fails_the_checkpoint_and_the_resumed_fit_warms_up_again(
+    tmp_path, monkeypatch
+):
+    data = regression_data()
+    data.y[position(40)] += 30.0
+
+    def broken(self):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(SpikeDetector, "state_dict", broken)
+    first = watch(tmp_path)
+    with pytest.warns(RuntimeWarning, match="'checkpoint' part failed") as caught:
+        trainer = fit(seeded(TinyNet), data, [first], enable_checkpointing=True, default_root_dir=tmp_path)
+    assert sum("SpikeWatch" in str(w.message) for w in caught) == 1
+    assert [e.step for e in first.spikes] == [40] and first.summary()["disabled"] == ["checkpoint"]
+    checkpoint = trainer.checkpoint_callback.best_model_path
+    assert checkpoint and first.state_key not in torch.load(checkpoint, weights_only=False)["callbacks"]
+
+    monkeypatch.undo()
+    data.y[position(30)] += 30.0  # step 90: after the fresh warm-up of the resumed fit
+    resumed = watch(tmp_path)
+    fit(seeded(TinyNet), data, [resumed], max_epochs=2, ckpt_path=checkpoint)
+    assert resumed.steps_watched == 60  # nothing restored: counted from the resume
+    # No spike history either (step 40 is not among them); the first bad row is met again at step 100.
+    assert [(e.step, e.cause) for e in resumed.spikes] == [(90, "outlier_sample"), (100, "outlier_sample")]
 
 
 def test_resume_works_with_both_namespaces_checkpoints(tmp_path):
