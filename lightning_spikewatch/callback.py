@@ -411,7 +411,9 @@ class _SpikeWatchHooks:
         self._every = every
         self._looks_back = every > 1 and on_cpu
 
-    def _disable(self, part: str, err: BaseException) -> None:
+    def _disable(self, part: str, err: BaseException, message: str | None = None) -> None:
+        """Switch ``part`` off for the rest of the run, with one warning: ``message`` where the
+        failure is the user's to fix, else a request to report it."""
         if part in self._disabled:
             return
         self._disabled.add(part)
@@ -425,12 +427,12 @@ class _SpikeWatchHooks:
         if part == "grad_norms":
             self._looks_back = self._keep_grads = False
             self._held_grads = self._lookback = None
-        warnings.warn(
-            f"SpikeWatch: its {part!r} part failed ({type(err).__name__}: {err}) and is switched off for the rest of "
-            "this run; training continues unaffected. Please report this message.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        if message is None:
+            message = (
+                f"SpikeWatch: its {part!r} part failed ({type(err).__name__}: {err}) and is switched off for the "
+                "rest of this run; training continues unaffected. Please report this message."
+            )
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def _attempt(self, part: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         """Call ``fn``; on failure disable ``part`` once and return None."""
@@ -671,22 +673,19 @@ class _SpikeWatchHooks:
         if "batch_size" in self._disabled:
             return None
         try:
-            size = self.batch_size_fn(batch)
-            size = size if type(size) is int else operator.index(size)  # numpy and 0-dim integer tensors too
+            size = operator.index(self.batch_size_fn(batch))  # numpy and 0-dim integer tensors too
             if size < 0:
                 raise ValueError(f"it returned {size}")
             return size
         except Exception as err:  # noqa: BLE001 - the user's function: the run goes on, sizes are unknown
-            self._disabled.add("batch_size")
-            warnings.warn(
+            message = (
                 f"SpikeWatch: batch_size_fn failed on batch {batch_idx} of epoch {self._epoch} "
                 f"({type(err).__name__}: {err}). SpikeWatch no longer knows batch sizes for the rest of this run, "
                 "so it cannot name a short batch or the sample behind a spike; all else goes on, and so does "
                 "training. Make batch_size_fn return the number of samples (an int >= 0) for every batch, or "
-                "leave it out to use dim 0 of the batch's first tensor.",
-                RuntimeWarning,
-                stacklevel=2,
+                "leave it out to use dim 0 of the batch's first tensor."
             )
+            self._disable("batch_size", err, message)
             return None
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
@@ -716,7 +715,7 @@ class _SpikeWatchHooks:
                 # their place, so the lookback never holds two sets at once on such steps.
                 self._held_grads = self._lookback = None
                 if self._quiet_left:
-                    self._settle_quietly(host_loss, batch, batch_idx, step)  # may call the user's batch_size_fn
+                    self._settle_quietly(host_loss, batch, batch_idx, step)
                     if not self._step_hook_skipped and self._may_skip_step_hook:
                         self.on_before_optimizer_step = None  # settled: Lightning need not call it for this step
                         self._step_hook_skipped = True

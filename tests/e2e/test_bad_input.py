@@ -1,9 +1,12 @@
 """Batches, models and optimizers nobody planned for: training always completes, SpikeWatch keeps
 working where it can and says plainly where it cannot."""
 
+import csv
 import dataclasses
 import json
+import sys
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -14,6 +17,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_spikewatch import SpikeWatch
 from tests.e2e.tiny import BATCH, TinyNet, fit, loader, position, regression_data, seeded
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 
 def watch(tmp_path, **kwargs) -> SpikeWatch:
@@ -305,11 +310,6 @@ STEPS = EPOCHS * (LAST + 1)
 
 
 def short_batch_run(tmp_path, **kwargs) -> tuple[SpikeWatch, list[dict[str, str]], list[str]]:
-    import csv
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
     import seed_adam_spikes as demo
 
     class WeightedSeedMLP(demo.SeedMLP):
