@@ -173,7 +173,8 @@ class _SpikeWatchHooks:
             outlier samples.
         target_keys: dict keys holding targets, left out of the input magnitude (as is the last
             element of a tuple or list batch).
-        trace_every: write every n-th batch to ``steps.csv`` (spikes always); 0 disables the trace.
+        trace_every: write every n-th batch to ``steps.csv`` (spikes always, and on the CPU each
+            step that read the gradient norm); 0 disables the trace.
         print_spikes: print one line per spike as it is found.
         print_summary: print the summary when fit ends.
         batch_size_fn: ``batch -> int`` for batches whose size is not the first dim of their first tensor.
@@ -1029,13 +1030,15 @@ class _SpikeWatchHooks:
         else:
             step, batch_idx, size, loss, _ = settled[-1]
             self._lookback = _Lookback(_Batch(batch, batch_idx, step, self._epoch, size), loss, grads, None)
-        zscores = self.detector.observe_settled([row[3] for row in settled])
+        first = self.batches_watched - len(settled) + 1  # the batch number of the first settled row
+        traced_every = self.trace_every if self._log is not None else 0
+        scored = _scored_positions(first, len(settled), traced_every)
+        zscores = self.detector.observe_settled([row[3] for row in settled], scored)
         self._non_finite_streak = False
         self._last_loss_z = zscores[-1]
         self._step_grad_norm = None
-        if self._log is not None and self.trace_every:
-            first = self.batches_watched - len(settled) + 1
-            self._attempt_trace(self._log.write_settled, self._epoch, settled, zscores, first, self.trace_every)
+        if traced_every:
+            self._attempt_trace(self._log.write_settled, self._epoch, settled, zscores, first, traced_every)
         last_size = settled[-1][2]
         if last_size is None or self._nominal_batch_size is None:  # rare: look at every row
             sizes = [row[2] for row in settled if row[2] is not None]
@@ -1166,7 +1169,10 @@ class _SpikeWatchHooks:
             self._non_finite_streak = False
         self._last_loss_z = loss_z
         if self._log is not None and self.trace_every:
-            if is_spike or number % self.trace_every == 0:
+            # Spikes always; and, where the gradient norm is read only every few steps (the CPU),
+            # each step that read it, so that the trace's gradient-norm curve is not thinned twice.
+            read_between = signals.grad_norm is not None and self._every > 1
+            if is_spike or read_between or number % self.trace_every == 0:
                 self._trace(record, signals, loss_z, optimizer, is_spike)
         if record.size is not None:
             if self._nominal_batch_size is None:
@@ -1663,6 +1669,17 @@ def _samples_from_losses(record: _Batch, index_keys: Sequence[str]) -> SampleLos
         for v, p in zip(host[:k], host[k : 2 * k])
     ]
     return SampleLosses(record.size, host[-1], top, "per_sample_loss")
+
+
+def _scored_positions(first: int, count: int, every: int) -> set[int] | None:
+    """Which of ``count`` settled rows, the first being batch number ``first``, need their loss z:
+    the rows the trace keeps (every ``every``-th batch; 0: no trace) and the last, which is the
+    current z. None: all of them."""
+    if every == 1:
+        return None
+    positions = set(range(-first % every, count, every)) if every else set()
+    positions.add(count - 1)
+    return positions
 
 
 def _dataset_length(loader: Any) -> int | None:

@@ -7,6 +7,7 @@ so memory is fixed for runs of any length.
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from dataclasses import dataclass
 
 from lightning_spikewatch.stats import RobustWindow
@@ -154,11 +155,12 @@ class SpikeDetector:
         self.batches_seen += 1
         return loss_z
 
-    def observe_settled(self, losses: list[float]) -> list[float]:
+    def observe_settled(self, losses: list[float], scored: Container[int] | None = None) -> list[float]:
         """Observe, in order, losses already known to be quiet (each under ``quiet_bound`` when it
-        was settled); their robust z, exactly as ``observe_quietly`` would have given one by one."""
+        was settled); their robust z, exactly as ``observe_quietly`` would have given one by one
+        (only at the positions in ``scored`` when given, NaN elsewhere: the trace keeps few rows)."""
         self.batches_seen += len(losses)
-        return self.windows["loss"].score_and_push(losses, self.z_threshold)
+        return self.windows["loss"].score_and_push(losses, self.z_threshold, scored)
 
     def quiet_bound(self, pushes: int) -> float:
         """A loss below which ``observe_quietly`` would not flag, now or after up to ``pushes`` more

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, insort
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 
 MAD_TO_SIGMA = 1.4826  # scales the MAD to a standard deviation for normally distributed data
 MAD_REFRESH = 16  # pushes after which a cached MAD is recomputed (see RobustWindow.score)
@@ -150,21 +150,27 @@ class RobustWindow:
         spread = self._mad if self._mad > floor else floor
         return (value - median) / (MAD_TO_SIGMA * spread), median, MAD_TO_SIGMA * spread
 
-    def score_and_push(self, values: Iterable[float], threshold: float) -> list[float]:
+    def score_and_push(
+        self, values: Iterable[float], threshold: float, scored: Container[int] | None = None
+    ) -> list[float]:
         """``score(value, threshold)[0]`` then ``push(value)`` for each value in order, bit for bit,
-        in one loop: the quiet steps' catch-up, which runs for nearly every step."""
+        in one loop: the quiet steps' catch-up, which runs for nearly every step. With ``scored``,
+        only the values at those positions are scored (the rest get NaN and cost only their push);
+        a skipped score refreshes no MAD, so the next scored value's is at least as fresh."""
         if not self.keep_sorted:
             zscores = []
-            for value in values:
-                zscores.append(self.score(value, threshold)[0])
+            for position, value in enumerate(values):
+                zscores.append(self.score(value, threshold)[0] if scored is None or position in scored else math.nan)
                 self.push(value)
             return zscores
         fifo, ordered, size, isfinite = self._fifo, self._sorted, self.size, math.isfinite
         rel, least, sigma = self.min_rel_spread, self.min_abs_spread, MAD_TO_SIGMA
         mad, since = self._mad, self._pushes_since_mad  # kept in locals, stored back at the end
         zscores = []
-        for value in values:
-            if ordered and value == value:  # as score(): NaN scores NaN, an empty window too
+        for position, value in enumerate(values):
+            if scored is not None and position not in scored:
+                zscores.append(math.nan)
+            elif ordered and value == value:  # as score(): NaN scores NaN, an empty window too
                 n = len(ordered)
                 mid = n // 2
                 median = ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])

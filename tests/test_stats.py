@@ -119,16 +119,28 @@ def test_quiet_bound_lets_ordinary_noise_through_once_the_window_has_enough_valu
     st.integers(3, 24),
     st.floats(0.5, 8.0),
     st.booleans(),
+    st.one_of(st.none(), st.sets(st.integers(0, 39))),
 )
-@example(history=[1.0] * 20, values=[1.0, 1.0 + 1e-9, 50.0, math.nan, 1.0], size=16, threshold=6.0, keep=True)
+@example(
+    history=[1.0] * 20, values=[1.0, 1.0 + 1e-9, 50.0, math.nan, 1.0], size=16, threshold=6.0, keep=True, scored=None
+)
 @example(  # quiet values whose MAD moves with every push: only the cached MAD's age tells them apart
     history=[1 + (-1) ** i * (i % 7) * 0.02 for i in range(30)],
     values=[1 + (-1) ** i * (i % 5) * 0.02 for i in range(40)],
     size=8,
     threshold=6.0,
     keep=True,
+    scored=None,
 )
-def test_score_and_push_is_score_then_push_bit_for_bit(history, values, size, threshold, keep):
+@example(  # only some scored, as the thinned trace asks: the skipped ones must not refresh the MAD
+    history=[1 + (-1) ** i * (i % 7) * 0.02 for i in range(30)],
+    values=[1 + (-1) ** i * (i % 5) * 0.02 for i in range(40)],
+    size=8,
+    threshold=6.0,
+    keep=True,
+    scored={9, 19, 29, 39},
+)
+def test_score_and_push_is_score_then_push_bit_for_bit(history, values, size, threshold, keep, scored):
     one_by_one = RobustWindow(size, min_rel_spread=0.02, keep_sorted=keep)
     batched = RobustWindow(size, min_rel_spread=0.02, keep_sorted=keep)
     for value in history:
@@ -137,10 +149,10 @@ def test_score_and_push_is_score_then_push_bit_for_bit(history, values, size, th
         one_by_one.score(value, threshold)  # the cached MAD's age must match too
         batched.score(value, threshold)
     expected = []
-    for value in values:
-        expected.append(one_by_one.score(value, threshold)[0])
+    for position, value in enumerate(values):  # positions left out of ``scored`` are pushed, not scored
+        expected.append(one_by_one.score(value, threshold)[0] if scored is None or position in scored else math.nan)
         one_by_one.push(value)
-    got = batched.score_and_push(values, threshold)
+    got = batched.score_and_push(values, threshold, scored)
     assert [repr(z) for z in got] == [repr(z) for z in expected]  # repr: NaN equals NaN, and every bit counts
     assert batched.values() == one_by_one.values()
     assert repr(batched.score(1.5, threshold)) == repr(one_by_one.score(1.5, threshold))  # the same cached MAD

@@ -131,10 +131,14 @@ def test_exports_match_the_events_and_loggers_get_the_scalars(tmp_path):
 
 
 def test_trace_can_be_thinned_or_disabled(tmp_path):
-    thin = watch(tmp_path / "thin", trace_every=10)
+    full = watch(tmp_path / "full")  # the default: every batch
+    fit(seeded(TinyNet), outlier_data(45), [full])
+    assert _trace_steps(tmp_path / "full") == list(range(60))
+    thin = watch(tmp_path / "thin", trace_every=25)
     fit(seeded(TinyNet), outlier_data(45), [thin])
-    rows = list(csv.DictReader((tmp_path / "thin" / "steps.csv").open()))
-    assert [int(r["batch_idx"]) for r in rows] == [9, 19, 29, 39, 45, 49, 59]  # every 10th, plus the spike
+    # every 25th batch, the spike, and the steps that read the gradient norm (warm-up, every 32nd)
+    expected = sorted({24, 49, 45, 32, *range(thin.warmup)})
+    assert _trace_steps(tmp_path / "thin") == expected
     off = watch(tmp_path / "off", trace_every=0)
     fit(seeded(TinyNet), outlier_data(), [off])
     assert not (tmp_path / "off" / "steps.csv").exists() and len(off.spikes) == 1
@@ -193,11 +197,11 @@ def test_after_watching_fails_the_summary_still_tells_what_was_found_and_the_fil
 
     original, calls = SpikeDetector.observe_settled, []
 
-    def fails_on_the_third_catch_up(self, losses):
+    def fails_on_the_third_catch_up(self, losses, scored=None):
         calls.append(len(losses))
         if len(calls) == 3:  # after the spike at 40, before the end of the run
             raise RuntimeError("simulated bug")
-        return original(self, losses)
+        return original(self, losses, scored)
 
     monkeypatch.setattr(SpikeDetector, "observe_settled", fails_on_the_third_catch_up)
     w = SpikeWatch(log_dir=tmp_path, print_spikes=False)
