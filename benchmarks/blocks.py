@@ -20,8 +20,9 @@ allocator's heap does not move between them.
 ``--switch`` picks what the off blocks leave out, to time one part of SpikeWatch within its fit:
 ``lookback`` its step-before lookback alone; ``floor`` all of its work but the least any loss watcher
 does (one hook call at backward and one ``item()``, paid in both blocks); ``period`` reads every 32nd
-step against every 64th (with ``--block 64``). ``--aa`` switches nothing (both blocks of a pair on):
-the noise floor of the method, which should print x1.000 within its error.
+step against every 64th (with ``--block 64``); ``trace`` a row for every batch against
+``trace_every=10``. ``--aa`` switches nothing (both blocks of a pair on): the noise floor of the
+method, which should print x1.000 within its error.
 
 A watcher switched off keeps its state; it only stops seeing steps. For SpikeWatch the references it
 holds between steps (the last loss, the gradients kept for the step-before lookback) are dropped
@@ -167,8 +168,26 @@ class PeriodSwitch:
         watch._quiet_left = min(watch._quiet_left, -watch.steps_watched % self.every)
 
 
+class TraceSwitch:
+    """SpikeWatch writing every batch to ``steps.csv`` (on, the default) or a thinned trace (off:
+    ``trace_every=10``, which still keeps the read steps and spikes): what the full trace costs."""
+
+    THINNED = 10
+
+    def __init__(self, callback: pl.Callback) -> None:
+        self.callback = _spikewatch_only(callback, "trace", "trace_every")
+        self.thinned = self.THINNED
+
+    def off(self) -> None:
+        self.callback.trace_every = self.thinned
+
+    def on(self) -> None:
+        self.callback.trace_every = 1
+
+
 SWITCHES = {
     "hooks": Switch,
+    "trace": TraceSwitch,
     "lookback": LookbackSwitch,
     "floor": FloorSwitch,
     "period": PeriodSwitch,
