@@ -157,8 +157,9 @@ class SpikeDetector:
 
     def observe_settled(self, losses: list[float], scored: Container[int] | None = None) -> list[float]:
         """Observe, in order, losses already known to be quiet (each under ``quiet_bound`` when it
-        was settled); their robust z, exactly as ``observe_quietly`` would have given one by one
-        (only at the positions in ``scored`` when given, NaN elsewhere: the trace keeps few rows)."""
+        was settled); their robust z, exactly as ``observe_quietly`` would have given one by one.
+        With ``scored`` (a thinned trace keeps few rows), only those positions are scored, NaN
+        elsewhere; their z may then use a MAD refreshed at other pushes (at most 16 old either way)."""
         self.batches_seen += len(losses)
         return self.windows["loss"].score_and_push(losses, self.z_threshold, scored)
 

@@ -155,8 +155,9 @@ class RobustWindow:
     ) -> list[float]:
         """``score(value, threshold)[0]`` then ``push(value)`` for each value in order, bit for bit,
         in one loop: the quiet steps' catch-up, which runs for nearly every step. With ``scored``,
-        only the values at those positions are scored (the rest get NaN and cost only their push);
-        a skipped score refreshes no MAD, so the next scored value's is at least as fresh."""
+        only the values at those positions are scored (the rest get NaN and cost only their push),
+        exactly as ``score`` would score them: a skipped value refreshes no MAD, and a scored one's
+        MAD is at most ``MAD_REFRESH`` pushes old (exact where it could reach the threshold)."""
         if not self.keep_sorted:
             zscores = []
             for position, value in enumerate(values):
