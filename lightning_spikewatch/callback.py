@@ -35,7 +35,7 @@ from lightning_spikewatch.actions import STRENGTH, Action, ActionPolicy, ActionT
 from lightning_spikewatch.causes import LayerGradients, SampleLoss, SampleLosses, SpikeContext, rank_causes
 from lightning_spikewatch.detector import SpikeDetector, StepSignals, Verdict
 from lightning_spikewatch.events import Cause, SpikeEvent
-from lightning_spikewatch.export import PLOT_FILE, SpikeLog, read_skip_entries
+from lightning_spikewatch.export import PLOT_FILE, SpikeLog, kept_rows, read_skip_entries
 from lightning_spikewatch.interventions import clip_gradients, drop_update, drops_missing_gradients, fingerprint_tensors
 from lightning_spikewatch.replay import (
     find_dominant_samples,
@@ -1171,8 +1171,7 @@ class _SpikeWatchHooks:
         if self._log is not None and self.trace_every:
             # Spikes always; and, where the gradient norm is read only every few steps (the CPU),
             # each step that read it, so that the trace's gradient-norm curve is not thinned twice.
-            read_between = signals.grad_norm is not None and self._every > 1
-            if is_spike or read_between or number % self.trace_every == 0:
+            if number % self.trace_every == 0 or is_spike or (signals.grad_norm is not None and self._every > 1):
                 self._trace(record, signals, loss_z, optimizer, is_spike)
         if record.size is not None:
             if self._nominal_batch_size is None:
@@ -1677,7 +1676,7 @@ def _scored_positions(first: int, count: int, every: int) -> set[int] | None:
     current z. None: all of them."""
     if every == 1:
         return None
-    positions = set(range(-first % every, count, every)) if every else set()
+    positions = set(kept_rows(first, count, every)) if every else set()
     positions.add(count - 1)
     return positions
 

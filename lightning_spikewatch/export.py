@@ -135,7 +135,7 @@ class SpikeLog:
         if self._steps is None or not rows:
             return
         self._lines.append(_SettledRows(epoch, rows, loss_z, first, every))
-        self._buffered += (first + len(rows) - 1) // every - (first - 1) // every
+        self._buffered += len(kept_rows(first, len(rows), every))
         if self._buffered >= TRACE_BUFFER_ROWS:
             self._write_rows()
 
@@ -187,15 +187,20 @@ class _SettledRows(NamedTuple):
     every: int
 
 
+def kept_rows(first: int, count: int, every: int) -> range:
+    """Which of ``count`` consecutive batches, the first being the run's ``first``-th, a trace that
+    keeps every ``every``-th batch writes (by position)."""
+    return range(-first % every, count, every)
+
+
 def _lines_of(run: _SettledRows) -> str:
     """The trace lines of a run of settled steps. Epoch, batch size and learning rate go into the
     line's format once for as long as they stay the same, leaving four numbers to format per line."""
-    lines, every = [], run.every
+    lines, rows, zscores = [], run.rows, run.loss_z
     size_key = lr_key = _UNSET
     line = ""  # a quiet step settled between reads: no norms read, no spike
-    for number, ((step, batch_idx, size, loss, lr), loss_z) in enumerate(zip(run.rows, run.loss_z), run.first):
-        if every > 1 and number % every:
-            continue
+    for position in kept_rows(run.first, len(rows), run.every):
+        (step, batch_idx, size, loss, lr), loss_z = rows[position], zscores[position]
         if size != size_key or lr != lr_key:  # NaN never equals itself: a NaN rate is formatted each time
             size_key, lr_key = size, lr
             size_text = "-1" if size is None else str(size)
