@@ -18,8 +18,8 @@ allocator's heap does not move between them.
     python benchmarks/blocks.py --workload medium_mlp --variants "spikewatch,fused-norm floor" --pairs 200
 
 ``--switch`` picks what the off blocks leave out, to time one part of SpikeWatch within its fit:
-``lookback`` its step-before lookback alone; ``floor`` all of its work but the least any loss watcher
-does (one hook call at backward and one ``item()``, paid in both blocks); ``period`` reads every 32nd
+``lookback`` its step-before lookback alone; ``floor`` SpikeWatch against the least a loss watcher
+built as a callback does (one hook call at backward and one ``item()``); ``period`` reads every 32nd
 step against every 64th (with ``--block 64``); ``trace`` a row for every batch against
 ``trace_every=10``. ``--aa`` switches nothing (both blocks of a pair on): the noise floor of the
 method, which should print x1.000 within its error.
@@ -79,12 +79,14 @@ def _spikewatch_only(callback: pl.Callback, switch: str, attribute: str) -> pl.C
 class Switch:
     """Turns a callback's per-step hooks off (``None`` on the instance: Lightning skips a hook that is
     not callable) and back on exactly as they were, including hooks the callback skips itself. For
-    SpikeWatch the optimizer post-hook that keeps a quiet step's gradients is detached too."""
+    SpikeWatch the optimizer post-hook that keeps a quiet step's gradients, and its wrapper of the
+    strategy's ``pre_backward`` that reads the loss, are taken off too."""
 
     def __init__(self, callback: pl.Callback) -> None:
         self.callback = callback
         self._saved: dict[str, object] | None = None
         self._reattach = False
+        self._strategy: object | None = None
 
     def off(self) -> None:
         if self._saved is not None:
@@ -101,6 +103,9 @@ class Switch:
         self._reattach = state.get("_after_step_handle") is not None
         if self._reattach:
             self.callback._detach_after_step()
+        self._strategy = state.get("_backward_strategy")
+        if self._strategy is not None:
+            self.callback._detach_backward()
 
     def on(self) -> None:
         if self._saved is None:
@@ -112,6 +117,8 @@ class Switch:
         self._saved = None
         if self._reattach:
             self.callback._attach_after_step()
+        if self._strategy is not None:
+            self.callback._attach_backward(self._strategy)
 
 
 class LookbackSwitch:
@@ -131,9 +138,11 @@ class LookbackSwitch:
 
 
 class FloorSwitch(Switch):
-    """Off: the watcher's step hooks replaced by the least a loss watcher does (one hook call at
-    backward, reading the loss with one ``item()``): on against off is then the watcher's own work,
-    without the cost of Lightning calling that one hook, which both blocks pay."""
+    """Off: the watcher's step hooks replaced by the least a loss watcher built as a callback does
+    (one hook call at backward, reading the loss with one ``item()``). For a watcher that is reached
+    through its hooks, on against off is its own work, without Lightning's call of that one hook;
+    SpikeWatch reads the loss in the strategy's ``pre_backward`` instead of a hook, so for it on
+    against off is its whole cost less that of such a minimal watcher."""
 
     def off(self) -> None:
         if self._saved is not None:

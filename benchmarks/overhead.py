@@ -553,7 +553,8 @@ def spike_cost(workload: Workload, accelerator: str, console: Console) -> dict:
 
 PARTS = {  # where SpikeWatch's per-step time goes; indented names run inside the hook above them
     "on_train_batch_start": "hook: batch start (first step only, then the batch is read where Lightning keeps it)",
-    "on_before_backward": "hook: before backward: the loss's one item(), and on quiet steps their settle",
+    "on_before_backward": "hook: before backward (first step only, then the strategy's pre_backward below)",
+    "_pre_backward": "strategy's pre_backward, wrapped: the loss's one item(), and on quiet steps their settle",
     "_settle_quietly": "  quiet step: settled by the bound (step, batch size, learning rate)",
     "_after_optimizer_step": "optimizer post-hook: a quiet step's gradients kept by reference (lookback)",
     "on_before_optimizer_step": "hook: before the optimizer step (general steps only)",

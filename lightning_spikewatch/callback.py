@@ -71,6 +71,9 @@ _SEQUENCES = (tuple, list)
 # callable (`_call_callback_hooks`: `if callable(fn)`, since Lightning 1.6), so during fit the hooks
 # with nothing to do are set to None on the instance, and restored when fit ends.
 _UNUSED_STEP_HOOKS = ("on_before_zero_grad", "on_after_backward")
+# The hooks the lean path skips while it has nothing for them (the loss is then read in the strategy's
+# pre_backward, which Lightning calls just before the callbacks' on_before_backward).
+_LEAN_STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
 
 
 @dataclass(slots=True)
@@ -373,6 +376,9 @@ class _SpikeWatchHooks:
         self._may_skip_step_hook = False
         self._first_dim_is_size = False  # no batch_size_fn: a batch's size is dim 0 of its first tensor
         self._after_step_handle: Any = None  # the optimizer step post-hook that keeps a quiet step's gradients
+        self._backward_strategy: Any = None  # lean path: the strategy whose pre_backward reads the loss for us
+        self._wrapped_pre_backward: Callable | None = None  # what that pre_backward was before
+        self._strategy_had_own = False  # it was set on the strategy instance, not taken from its class
         self._keep_grads = False  # a quiet step was settled: its gradients are kept after its optimizer step
         self._held_grads: list[torch.Tensor | None] | None = None  # those gradients, by reference
         self._settled_batch: Any = None  # the batch of the last settled step, for the lookback's evidence
@@ -424,7 +430,9 @@ class _SpikeWatchHooks:
             if self._step_hook_skipped:  # the class's hook, which checks the set, as off the lean path
                 del self.on_before_optimizer_step
                 self._step_hook_skipped = False
+            self.__dict__.pop("on_before_backward", None)
             self._detach_after_step()
+            self._detach_backward()
         if part == "grad_norms":
             self._looks_back = self._keep_grads = False
             self._held_grads = self._lookback = None
@@ -578,6 +586,8 @@ class _SpikeWatchHooks:
         self._first_dim_is_size = self.batch_size_fn is None
         self._skip_hooks(*_UNUSED_STEP_HOOKS)
         self._skip_batch_end_if_idle()
+        if self._lean and type(self).on_before_backward is _SpikeWatchHooks.on_before_backward:
+            self._attach_backward(trainer.strategy)  # checked at the first step, by on_before_backward
 
     def _attach_after_step(self) -> bool:
         """Register the post-hook on the optimizer (torch calls it after each step, at the cost of
@@ -617,10 +627,11 @@ class _SpikeWatchHooks:
             self._skip_hooks("on_train_batch_end")
 
     def _restore_hooks(self) -> None:
-        for name in (*_UNUSED_STEP_HOOKS, "on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"):
+        for name in (*_UNUSED_STEP_HOOKS, *_LEAN_STEP_HOOKS):
             self.__dict__.pop(name, None)
         self._step_hook_skipped = False
         self._detach_after_step()
+        self._detach_backward()
 
     @_safely("watch")
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
@@ -693,6 +704,59 @@ class _SpikeWatchHooks:
         if not self._lean:
             self._keep_loss(loss)
             return
+        if self._backward_strategy is not None:  # the first step with the strategy's pre_backward wrapped
+            if self._open_step == self._step_counter.completed:
+                self._skip_hooks("on_before_backward")  # the wrapper saw this step first: it alone reads the loss
+                return
+            self._detach_backward()  # it did not run before this hook: this hook goes on reading the loss
+        self._see_backward(loss)
+
+    def _pre_backward(self, closure_loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Set as the strategy's ``pre_backward`` during fit on the lean path. Lightning calls it just
+        before backward, ahead of the callbacks' ``on_before_backward``; reading the loss here spares
+        Lightning's call of that hook, which costs about as much as a quiet step's own work."""
+        wrapped = self._wrapped_pre_backward  # taken first: a failure below detaches this wrapper
+        if self._backward_strategy is not None and self._lean:
+            try:
+                self._see_backward(closure_loss)
+            except Exception as err:  # noqa: BLE001 - as _safely: the run goes on, watching stops
+                self._disable("watch", err)
+        return wrapped(closure_loss, *args, **kwargs)
+
+    def _attach_backward(self, strategy: Any) -> None:
+        """Wrap ``strategy.pre_backward`` with ``_pre_backward`` (until ``_detach_backward``)."""
+        self._detach_backward()
+        current = getattr(strategy, "pre_backward", None)
+        if not callable(current) or not hasattr(strategy, "__dict__"):
+            return
+        self._wrapped_pre_backward, self._strategy_had_own = current, "pre_backward" in vars(strategy)
+        self._backward_strategy = strategy
+        strategy.pre_backward = self._pre_backward
+
+    def _detach_backward(self) -> None:
+        """Give the strategy its own ``pre_backward`` back. If something wrapped it again after us,
+        ours stays inside that wrapper, only passing the call on, until that wrapper is removed: a
+        second SpikeWatch (detached after the first) then unwinds both."""
+        strategy, self._backward_strategy = self._backward_strategy, None
+        if strategy is None or vars(strategy).get("pre_backward") != self._pre_backward:
+            return
+        watch = self
+        while True:
+            below, had_own = watch._wrapped_pre_backward, watch._strategy_had_own
+            watch._wrapped_pre_backward = None
+            under = getattr(below, "__self__", None)
+            passes_through = isinstance(under, _SpikeWatchHooks) and under._backward_strategy is None
+            if not (had_own and passes_through and below == under._pre_backward):
+                break
+            watch = under  # a detached SpikeWatch's wrapper, left inside ours: unwind it too
+        if had_own:
+            strategy.pre_backward = below
+        else:
+            del strategy.pre_backward
+
+    def _see_backward(self, loss: torch.Tensor) -> None:
+        """The lean path's look at a step's loss, just before backward: on the CPU a loss under the
+        quiet bound settles the step here; else the step is scored at its optimizer step."""
         # The optimizer step, not the batch: the epoch's batch counter is 1 at every step of a
         # one-batch epoch (full-batch training), while a closure run again (LBFGS) keeps the step.
         step = self._step_counter.completed
@@ -1007,9 +1071,10 @@ class _SpikeWatchHooks:
             self._settled_batch, self._keep_grads = batch, True
 
     def _plan_quiet_steps(self) -> None:
-        """After a general step: how many of the next steps the quiet bound may settle (those before
-        the next gradient read, once warmed up), and the bound that holds for all of them and for
-        the read after them (scored after at most ``left`` pushes): a loss under it cannot spike."""
+        """After a general step or a stretch of settled ones: how many of the next steps the quiet
+        bound may settle (once warmed up, up to ``QUIET_HORIZON`` and not past the next gradient read),
+        and the bound that holds for all of them and for the step after them (scored after at most
+        ``left`` pushes): a loss under it cannot spike."""
         watched = self.steps_watched
         warm = watched >= self.warmup
         left = -watched % self._every if warm else 0

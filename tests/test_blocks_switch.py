@@ -51,6 +51,22 @@ def test_switch_off_skips_every_step_hook_and_drops_held_references_and_on_resto
     assert "on_before_backward" not in vars(watch)  # the class's hook again, not a copy
 
 
+def test_switch_off_gives_the_strategy_its_pre_backward_back_and_on_wraps_it_again(tmp_path):
+    class Strategy:
+        def pre_backward(self, closure_loss):
+            return None
+
+    strategy = Strategy()
+    watch = SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    watch._attach_backward(strategy)
+    assert strategy.pre_backward == watch._pre_backward
+    switch = Switch(watch)
+    switch.off()
+    assert "pre_backward" not in vars(strategy) and watch._backward_strategy is None
+    switch.on()
+    assert strategy.pre_backward == watch._pre_backward and watch._backward_strategy is strategy
+
+
 def test_paired_blocks_run_the_watcher_in_exactly_one_block_of_each_pair(tmp_path):
     watch = CountingWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
     clock = PairedBlocks(Switch(watch), skip=8, device=torch.device("cpu"), block=4)

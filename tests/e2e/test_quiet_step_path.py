@@ -1,0 +1,109 @@
+"""The CPU's quiet step: SpikeWatch reads the loss in the strategy's ``pre_backward`` (not through a
+Lightning hook). These runs check that this finds what the hook finds, gives the strategy back as it
+was, and never breaks the fit."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_spikewatch import SpikeWatch
+from tests.e2e.tiny import BATCH, TinyNet, fit, position, regression_data, seeded
+
+
+def watch(tmp_path, **kwargs) -> SpikeWatch:
+    return SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False, **kwargs)
+
+
+def found(w: SpikeWatch) -> list[tuple[int, int, str]]:
+    return [(e.step, e.batch_idx, e.cause) for e in w.spikes]
+
+
+class Checks(pl.Callback):
+    """Records, at each optimizer step, whether SpikeWatch's hooks are skipped and who reads the loss."""
+
+    def __init__(self, w: SpikeWatch):
+        self.w = w
+        self.hook_skipped: list[bool] = []
+        self.wrapped: list[bool] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.hook_skipped.append(vars(self.w).get("on_before_backward", "class") is None)
+        self.wrapped.append(vars(trainer.strategy).get("pre_backward") == self.w._pre_backward)
+
+
+def test_the_loss_is_read_in_the_strategys_pre_backward_and_the_strategy_is_given_back_after_fit(tmp_path):
+    data = regression_data(n=BATCH * 120)
+    data.y[position(45)] += 30.0
+    w = watch(tmp_path)
+    checks = Checks(w)
+    trainer = fit(seeded(TinyNet), data, [w, checks])
+    assert all(checks.wrapped) and all(checks.hook_skipped)  # from the first step on: Lightning skips the hook
+    assert found(w) == [(45, 45, "outlier_sample")] and w.steps_watched == 120
+    assert "pre_backward" not in vars(trainer.strategy)  # the class's method again
+    assert "on_before_backward" not in vars(w)
+
+
+class CallsNoPreBackward(pl.strategies.SingleDeviceStrategy):
+    """A strategy whose backward goes straight to the precision plugin, as a custom one might."""
+
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        self.precision_plugin.backward(closure_loss, self.lightning_module, optimizer, *args, **kwargs)
+        return self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+
+
+def test_a_strategy_that_never_calls_pre_backward_leaves_the_loss_to_the_hook_with_the_same_spikes(tmp_path):
+    data = regression_data(n=BATCH * 120)
+    data.y[position(45)] += 30.0
+    plain = watch(tmp_path / "plain")
+    fit(seeded(TinyNet), data, [plain])
+    w = watch(tmp_path / "custom")
+    checks = Checks(w)
+    trainer = fit(seeded(TinyNet), data, [w, checks], strategy=CallsNoPreBackward(torch.device("cpu")))
+    assert not any(checks.wrapped) and not any(checks.hook_skipped)  # unwrapped at the first step
+    assert found(w) == found(plain) == [(45, 45, "outlier_sample")] and w.steps_watched == 120
+    assert "pre_backward" not in vars(trainer.strategy)
+
+
+def test_two_instances_both_read_every_loss_and_the_strategy_is_given_back(tmp_path):
+    data = regression_data(n=BATCH * 120)
+    data.y[position(45)] += 30.0
+    first, second = watch(tmp_path / "a"), watch(tmp_path / "b")
+    trainer = fit(seeded(TinyNet), data, [first, second])
+    assert found(first) == found(second) == [(45, 45, "outlier_sample")]
+    assert first.steps_watched == second.steps_watched == 120
+    assert "pre_backward" not in vars(trainer.strategy)  # both wrappers unwound
+
+
+def test_a_wrapper_set_after_spikewatchs_keeps_working_after_fit_and_spikewatch_only_passes_calls_on(tmp_path):
+    calls = []
+
+    class WrapsLater(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            inner = trainer.strategy.pre_backward
+
+            def counting(closure_loss):
+                calls.append(1)
+                return inner(closure_loss)
+
+            trainer.strategy.pre_backward = counting
+
+    w = watch(tmp_path)
+    trainer = fit(seeded(TinyNet), regression_data(), [w, WrapsLater()])  # SpikeWatch wraps first
+    assert len(calls) == 60 and w.steps_watched == 60
+    still = trainer.strategy.pre_backward  # the other wrapper stays, with SpikeWatch's inside it
+    watched = w.steps_watched
+    still(torch.tensor(1.0))  # as Lightning would call it later: SpikeWatch only passes it on
+    assert len(calls) == 61 and w.steps_watched == watched
+
+
+def test_a_failure_while_reading_the_loss_in_pre_backward_stops_watching_but_not_the_fit(tmp_path, monkeypatch):
+    def broken(self, *args):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(SpikeWatch, "_settle_quietly", broken)
+    w = watch(tmp_path)
+    with pytest.warns(RuntimeWarning, match="'watch' part failed"):
+        trainer = fit(seeded(TinyNet), regression_data(), [w])
+    assert trainer.global_step == 60 and "watch" in w._disabled
+    assert "pre_backward" not in vars(trainer.strategy)  # given back at the failure
