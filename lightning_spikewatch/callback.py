@@ -63,6 +63,12 @@ TOP_SAMPLES = 3
 LR_LOOKBACK = 8  # steps back in which a learning-rate jump can explain a spike
 LAYER_SNAPSHOT_ROWS = 32  # steps of per-layer gradient norms written to layers.jsonl per spike
 CPU_BASELINE_EVERY = 32  # on the CPU, read gradient and input norms every n-th step between spikes
+# Steps settled under one quiet bound before it is planned again. The bound must hold whatever the
+# settled losses pushed before a loss's scoring, so it loosens fast with their number: at 31 pushes
+# into a window of 128 it lets the spread fall to its floor, and once a loss curve is broad (a model
+# fitting its data) one step in eight would exceed it and take the general path. Planned every 8
+# steps it stays within a few spreads of the real threshold.
+QUIET_HORIZON = 8
 _GRAD_OF = operator.attrgetter("grad")  # a C-level getter: the quiet step keeps every gradient by reference
 _NEG_INF = -math.inf
 _SEQUENCES = (tuple, list)
@@ -774,6 +780,11 @@ class _SpikeWatchHooks:
             return
         try:
             host_loss = loss.item()  # the step's one device-to-host transfer; on the CPU it waits for nothing
+            if not self._quiet_left and self._settled and self.steps_watched % self._every:
+                # The bound's horizon has passed, with no read due: observe the settled steps and plan
+                # the next bound here, without the general path's optimizer step hook.
+                self._catch_up()
+                self._plan_quiet_steps()
             if _NEG_INF < host_loss < self._quiet_below:
                 # Cannot be a spike, nor can the steps up to the next read: the previous step's gradients
                 # are let go now, as no attribution will need them, and backward allocates this step's in
@@ -1077,7 +1088,7 @@ class _SpikeWatchHooks:
         ``left`` pushes): a loss under it cannot spike."""
         watched = self.steps_watched
         warm = watched >= self.warmup
-        left = -watched % self._every if warm else 0
+        left = min(-watched % self._every, QUIET_HORIZON) if warm else 0
         self._quiet_left = left
         self._quiet_below = self.detector.quiet_bound(left) if warm else _NEG_INF
 

@@ -1,13 +1,17 @@
 """The CPU's quiet step: SpikeWatch reads the loss in the strategy's ``pre_backward`` (not through a
-Lightning hook). These runs check that this finds what the hook finds, gives the strategy back as it
-was, and never breaks the fit."""
+Lightning hook), and plans its quiet bound every few steps there. These runs check that this finds
+what scoring each step finds, gives the strategy back as it was, and never breaks the fit."""
+
+import csv
 
 import lightning.pytorch as pl
 import pytest
 import torch
 
 from lightning_spikewatch import SpikeWatch
-from tests.e2e.tiny import BATCH, TinyNet, fit, position, regression_data, seeded
+from lightning_spikewatch import callback as callback_module
+from lightning_spikewatch.callback import CPU_BASELINE_EVERY, QUIET_HORIZON
+from tests.e2e.tiny import BATCH, IndexedData, TinyNet, fit, position, regression_data, seeded
 
 
 def watch(tmp_path, **kwargs) -> SpikeWatch:
@@ -107,3 +111,52 @@ def test_a_failure_while_reading_the_loss_in_pre_backward_stops_watching_but_not
         trainer = fit(seeded(TinyNet), regression_data(), [w])
     assert trainer.global_step == 60 and "watch" in w._disabled
     assert "pre_backward" not in vars(trainer.strategy)  # given back at the failure
+
+
+class CountingPaths(SpikeWatch):
+    """Counts the steps that took the general path (the optimizer step hook) off the read schedule."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.general_off_schedule = 0
+
+    def _lean_general_step(self, trainer, pl_module, optimizer, loss, host_loss):
+        if self.steps_watched % CPU_BASELINE_EVERY and self.steps_watched >= self.warmup:
+            self.general_off_schedule += 1
+        super()._lean_general_step(trainer, pl_module, optimizer, loss, host_loss)
+
+
+def broad_loss_data(batches: int) -> IndexedData:
+    """Batches whose noise level varies by tens of percent: a broad loss curve with no spike in it."""
+    data = regression_data(n=BATCH * batches)
+    g = torch.Generator().manual_seed(1)
+    scale = torch.exp(0.25 * torch.randn(batches, generator=g)).repeat_interleave(BATCH)[:, None]
+    data.y = data.y + 0.3 * scale * torch.randn(data.y.shape, generator=g)
+    return data
+
+
+def test_a_broad_loss_curve_keeps_its_quiet_steps_off_the_general_path_with_the_spikes_of_scoring_each_step(
+    tmp_path, monkeypatch
+):
+    data = broad_loss_data(400)
+    data.y[position(251)] += 30.0
+    runs, traces = {}, {}
+    plans = (
+        ("settled", None, QUIET_HORIZON),
+        ("each step", 1, QUIET_HORIZON),
+        ("to the read", None, CPU_BASELINE_EVERY),
+    )
+    for name, every, horizon in plans:
+        monkeypatch.setattr(callback_module, "QUIET_HORIZON", horizon)
+        w = CountingPaths(log_dir=tmp_path / name, print_spikes=False, print_summary=False, baseline_every=every)
+        fit(seeded(TinyNet), data, [w])
+        runs[name] = w
+        with (tmp_path / name / "steps.csv").open() as f:
+            traces[name] = [(r["step"], r["loss"], r["loss_z"], r["spike"]) for r in csv.DictReader(f)]
+    settled, each, to_read = runs["settled"], runs["each step"], runs["to the read"]
+    assert (251, 251, "outlier_sample") in found(each)
+    assert found(settled) == found(each) == found(to_read)
+    assert traces["settled"] == traces["each step"] == traces["to the read"]  # z of every row too
+    # Planned to the next read, the bound must allow 31 pushes and falls under much of this curve;
+    # planned every QUIET_HORIZON steps, almost every step between reads is settled.
+    assert settled.general_off_schedule <= 15 and 3 * settled.general_off_schedule < to_read.general_off_schedule
