@@ -271,6 +271,11 @@ def summarise(pairs: list[tuple[float, float]], block: int = BLOCK) -> dict:
         "ratio_standard_error": error,
         "ratio_quartiles": [quartiles[0], quartiles[2]],
         "ratio_of_means": statistics.fmean(on for on, _ in pairs) / statistics.fmean(off for _, off in pairs),
+        # A cost that grows over the fit (state that grows, or a shortcut that stops applying as the
+        # loss curve changes) shows as a later third dearer than the first.
+        "ratio_median_by_third": [
+            statistics.median(ratios[i * len(ratios) // 3 : (i + 1) * len(ratios) // 3]) for i in range(3)
+        ],
     }
 
 
@@ -297,6 +302,9 @@ def render(
             f"{r['ratio_of_means']:.4f}",
         )
     console.print(table)
+    for name, r in results.items():
+        thirds = ", ".join(f"x{ratio:.4f}" for ratio in r["ratio_median_by_third"])
+        console.print(f"{name}: median of pairs in each third of the fit, first to last: {thirds}")
     spikewatch = next((r for name, r in results.items() if name.startswith("spikewatch")), None)
     budget = BUDGET.get(workload.name)
     if spikewatch is not None and budget is not None and not aa:

@@ -17,6 +17,7 @@ from blocks import (  # noqa: E402
     PairedBlocks,
     PeriodSwitch,
     Switch,
+    summarise,
 )
 
 from lightning_spikewatch import SpikeWatch  # noqa: E402
@@ -165,3 +166,10 @@ def test_period_switch_reads_twice_as_often_in_on_blocks(tmp_path):
     for first in range(0, len(counts) - 1, 2):  # on: every read period; off: half as often
         assert sorted([counts[first], counts[first + 1]]) == [2, 4]
     assert all(step % every == 0 for step in watch.reads if step >= 40)
+
+
+def test_summary_shows_a_cost_that_grows_over_the_fit_in_its_thirds():
+    pairs = [(1.0 + 0.01 * (i // 10), 1.0) for i in range(30)]  # on blocks 0%, then 1%, then 2% dearer
+    summary = summarise(pairs)
+    assert summary["ratio_median_by_third"] == [1.0, 1.01, 1.02]
+    assert summary["ratio_median"] == 1.01 and summary["pairs"] == 30
