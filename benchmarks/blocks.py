@@ -21,8 +21,9 @@ allocator's heap does not move between them.
 ``lookback`` its step-before lookback alone; ``floor`` SpikeWatch against the least a loss watcher
 built as a callback does (one hook call at backward and one ``item()``); ``period`` reads every 32nd
 step against every 64th (with ``--block 64``); ``trace`` a row for every batch against
-``trace_every=10``. ``--aa`` switches nothing (both blocks of a pair on): the noise floor of the
-method, which should print x1.000 within its error.
+``trace_every=10``; ``dispatch`` the loss read in the strategy's ``pre_backward`` against Lightning's
+call of the ``on_before_backward`` hook. ``--aa`` switches nothing (both blocks of a pair on): the
+noise floor of the method, which should print x1.000 within its error.
 
 A watcher switched off keeps its state; it only stops seeing steps. For SpikeWatch the references it
 holds between steps (the last loss, the gradients kept for the step-before lookback) are dropped
@@ -194,12 +195,37 @@ class TraceSwitch:
         self.callback.trace_every = 1
 
 
+class DispatchSwitch:
+    """SpikeWatch reading the loss in the strategy's ``pre_backward`` (on, the default) or through
+    Lightning's call of its ``on_before_backward`` hook (off): what that hook dispatch would cost."""
+
+    def __init__(self, callback: pl.Callback) -> None:
+        self.callback = _spikewatch_only(callback, "dispatch", "_backward_strategy")
+        self.strategy: object | None = None
+
+    def off(self) -> None:
+        watch = self.callback
+        if watch._backward_strategy is None:
+            return
+        self.strategy = watch._backward_strategy
+        watch._detach_backward()
+        vars(watch).pop("on_before_backward", None)  # the class's hook, called by Lightning
+
+    def on(self) -> None:
+        if self.strategy is None:
+            return
+        self.callback.on_before_backward = None
+        self.callback._attach_backward(self.strategy)
+        self.strategy = None
+
+
 SWITCHES = {
     "hooks": Switch,
     "trace": TraceSwitch,
     "lookback": LookbackSwitch,
     "floor": FloorSwitch,
     "period": PeriodSwitch,
+    "dispatch": DispatchSwitch,
 }
 
 
@@ -333,7 +359,8 @@ def main() -> None:
         default="hooks",
         choices=sorted(SWITCHES),
         help="what is off: all step hooks; the lookback; all but the least a loss watcher does (floor); "
-        "reads every 32nd step against every 64th (period)",
+        "reads every 32nd step against every 64th (period); every row against trace_every=10 (trace); "
+        "the loss read in pre_backward against the on_before_backward hook (dispatch)",
     )
     parser.add_argument("--aa", action="store_true", help="switch nothing: the method's noise floor")
     parser.add_argument("--out", type=Path, help="write the results as JSON")

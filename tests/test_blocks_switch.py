@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import overhead  # noqa: E402
 from blocks import (  # noqa: E402
     STEP_HOOKS,
+    DispatchSwitch,
     FloorSwitch,
     LookbackSwitch,
     PairedBlocks,
@@ -173,3 +174,19 @@ def test_summary_shows_a_cost_that_grows_over_the_fit_in_its_thirds():
     summary = summarise(pairs)
     assert summary["ratio_median_by_third"] == [1.0, 1.01, 1.02]
     assert summary["ratio_median"] == 1.01 and summary["pairs"] == 30
+
+
+def test_dispatch_switch_moves_the_loss_read_between_the_strategy_and_the_hook(tmp_path):
+    class Strategy:
+        def pre_backward(self, closure_loss):
+            return None
+
+    strategy = Strategy()
+    watch = SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    watch._attach_backward(strategy)
+    watch.on_before_backward = None  # as after the first step
+    switch = DispatchSwitch(watch)
+    switch.off()
+    assert "pre_backward" not in vars(strategy) and "on_before_backward" not in vars(watch)
+    switch.on()
+    assert strategy.pre_backward == watch._pre_backward and watch.on_before_backward is None
