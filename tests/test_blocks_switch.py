@@ -53,14 +53,20 @@ def test_switch_off_skips_every_step_hook_and_drops_held_references_and_on_resto
     assert "on_before_backward" not in vars(watch)  # the class's hook again, not a copy
 
 
-def test_switch_off_gives_the_strategy_its_pre_backward_back_and_on_wraps_it_again(tmp_path):
-    class Strategy:
-        def pre_backward(self, closure_loss):
-            return None
+class _Strategy:
+    def pre_backward(self, closure_loss):
+        return None
 
-    strategy = Strategy()
-    watch = SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
+
+def _wrapping_watch(tmp_path) -> tuple[_Strategy, SpikeWatch]:
+    """A strategy stand-in whose ``pre_backward`` SpikeWatch has wrapped, as at train start."""
+    strategy, watch = _Strategy(), SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
     watch._attach_backward(strategy)
+    return strategy, watch
+
+
+def test_switch_off_gives_the_strategy_its_pre_backward_back_and_on_wraps_it_again(tmp_path):
+    strategy, watch = _wrapping_watch(tmp_path)
     assert strategy.pre_backward == watch._pre_backward
     switch = Switch(watch)
     switch.off()
@@ -177,13 +183,7 @@ def test_summary_shows_a_cost_that_grows_over_the_fit_in_its_thirds():
 
 
 def test_dispatch_switch_moves_the_loss_read_between_the_strategy_and_the_hook(tmp_path):
-    class Strategy:
-        def pre_backward(self, closure_loss):
-            return None
-
-    strategy = Strategy()
-    watch = SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
-    watch._attach_backward(strategy)
+    strategy, watch = _wrapping_watch(tmp_path)
     watch.on_before_backward = None  # as after the first step
     switch = DispatchSwitch(watch)
     switch.off()
