@@ -786,9 +786,9 @@ class _SpikeWatchHooks:
                 self._catch_up()
                 self._plan_quiet_steps()
             if _NEG_INF < host_loss < self._quiet_below:
-                # Cannot be a spike, nor can the steps up to the next read: the previous step's gradients
-                # are let go now, as no attribution will need them, and backward allocates this step's in
-                # their place, so the lookback never holds two sets at once on such steps.
+                # Cannot be a spike: the previous step's gradients are let go now, as no attribution will
+                # need them, and backward allocates this step's in their place, so the lookback never
+                # holds two sets at once on such steps.
                 self._held_grads = self._lookback = None
                 if self._quiet_left:
                     self._settle_quietly(host_loss, batch, batch_idx, step)
@@ -1064,7 +1064,8 @@ class _SpikeWatchHooks:
     def _settle_quietly(self, loss: float, batch: Any, batch_idx: int, step: int) -> None:
         """The usual step, kept to one comparison: a loss under the detector's quiet bound cannot
         be a spike, whatever the few losses before it, so it is settled now and observed (scored,
-        traced) at the next general step, in order, with the same result. Only what cannot be
+        traced) when the bound is next planned (within ``QUIET_HORIZON`` steps), in order, with the
+        same result. Only what cannot be
         found later is read here: the step, the batch size, a change of learning rate."""
         groups = self._optimizer.param_groups
         if len(groups) != 1 or groups[0]["lr"] != self._lr_seen:
