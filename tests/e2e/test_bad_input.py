@@ -16,13 +16,9 @@ from torch.nn.utils.rnn import pack_sequence
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_spikewatch import SpikeWatch
-from tests.e2e.tiny import BATCH, TinyNet, fit, loader, position, regression_data, seeded
+from tests.e2e.tiny import BATCH, TinyNet, fit, loader, position, regression_data, seeded, watch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-
-
-def watch(tmp_path, **kwargs) -> SpikeWatch:
-    return SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False, **kwargs)
 
 
 def outlier_data(batch_idx=40):

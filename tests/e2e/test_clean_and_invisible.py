@@ -7,12 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_spikewatch import SpikeWatch
-from tests.e2e.tiny import TinyNet, classification_data, fit, position, regression_data, seeded
-
-
-def watch(tmp_path, **kwargs) -> SpikeWatch:
-    return SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False, **kwargs)
+from tests.e2e.tiny import TinyNet, classification_data, fit, position, regression_data, seeded, watch
 
 
 @pytest.mark.parametrize("action", [None, "skip"])

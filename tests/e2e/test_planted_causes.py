@@ -16,13 +16,10 @@ from tests.e2e.tiny import (
     position,
     regression_data,
     seeded,
+    watch,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-
-
-def watch(tmp_path, **kwargs) -> SpikeWatch:
-    return SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False, **kwargs)
 
 
 def only_spike(w: SpikeWatch):

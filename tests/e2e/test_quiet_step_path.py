@@ -11,15 +11,7 @@ import torch
 from lightning_spikewatch import SpikeWatch
 from lightning_spikewatch import callback as callback_module
 from lightning_spikewatch.callback import CPU_BASELINE_EVERY, QUIET_HORIZON
-from tests.e2e.tiny import BATCH, IndexedData, TinyNet, fit, position, regression_data, seeded
-
-
-def watch(tmp_path, **kwargs) -> SpikeWatch:
-    return SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False, **kwargs)
-
-
-def found(w: SpikeWatch) -> list[tuple[int, int, str]]:
-    return [(e.step, e.batch_idx, e.cause) for e in w.spikes]
+from tests.e2e.tiny import BATCH, IndexedData, TinyNet, fit, found, position, regression_data, seeded, watch
 
 
 class Checks(pl.Callback):

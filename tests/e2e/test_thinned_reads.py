@@ -18,21 +18,15 @@ from tests.e2e.tiny import (
     PreviousGradientsAtBackward,
     TinyNet,
     fit,
+    found,
     loader,
     position,
     regression_data,
     seeded,
+    watch,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-
-
-def watch(tmp_path, **kwargs) -> SpikeWatch:
-    return SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False, **kwargs)
-
-
-def found(w: SpikeWatch) -> list[tuple[int, int, str]]:
-    return [(e.step, e.batch_idx, e.cause) for e in w.spikes]
 
 
 def planted_data():

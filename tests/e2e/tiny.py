@@ -13,6 +13,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_spikewatch import SpikeWatch
+
 BATCH = 32
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -159,6 +161,16 @@ def seeded(factory: Any, *args: Any, seed: int = 0, **kwargs: Any) -> Any:
     """Build ``factory(*args, **kwargs)`` right after seeding every RNG, so runs are repeatable."""
     pl.seed_everything(seed, verbose=False)
     return factory(*args, **kwargs)
+
+
+def watch(log_dir: Any, **kwargs: Any) -> SpikeWatch:
+    """SpikeWatch writing to ``log_dir`` and printing nothing, as the end-to-end runs use it."""
+    return SpikeWatch(log_dir=log_dir, print_spikes=False, print_summary=False, **kwargs)
+
+
+def found(w: SpikeWatch) -> list[tuple[int, int, str]]:
+    """A run's spikes as (step, batch index, cause)."""
+    return [(e.step, e.batch_idx, e.cause) for e in w.spikes]
 
 
 def loader(data: Dataset, batch_size: int = BATCH, **kwargs: Any) -> DataLoader:
