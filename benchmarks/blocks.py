@@ -25,6 +25,11 @@ step against every 64th (with ``--block 64``); ``trace`` a row for every batch a
 call of the ``on_before_backward`` hook. ``--aa`` switches nothing (both blocks of a pair on): the
 noise floor of the method, which should print x1.000 within its error.
 
+``--neighbour STEPS`` runs that many steps of another model (plain torch, untimed) before each block
+of every other pair, as another fit's turn runs between two blocks of ``interleaved.py``, and
+reports both kinds of pair: whether a hand-over, with its caches used by other work, costs the
+watcher more.
+
 A watcher switched off keeps its state; it only stops seeing steps. For SpikeWatch the references it
 holds between steps (the last loss, the gradients kept for the step-before lookback) are dropped
 when it is switched off, so an off block holds nothing more than a bare Trainer does. Each on block
@@ -219,6 +224,29 @@ class DispatchSwitch:
         self.strategy = None
 
 
+class Neighbour:
+    """Another model's training steps (plain torch, untimed), run before each block of every other
+    pair, as another fit's turn runs between two of a fit's blocks in ``interleaved.py``: those
+    blocks start on caches that other work has just used. The pairs in between follow each other as
+    the steps of one training run do, so the two kinds of pair, taken in the same fit, show what a
+    hand-over costs the watcher."""
+
+    def __init__(self, workload: overhead.Workload, steps: int) -> None:
+        self.steps = steps
+        self.model = workload.model().net
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.batches = [(x, y) for x, y in workload.loader(64)]
+
+    def run(self) -> None:
+        for index in range(self.steps):
+            x, y = self.batches[index % len(self.batches)]
+            loss = torch.nn.functional.cross_entropy(self.model(x), y)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            loss.item()
+
+
 SWITCHES = {
     "hooks": Switch,
     "trace": TraceSwitch,
@@ -234,9 +262,19 @@ class PairedBlocks(pl.Callback):
 
     Listed before the watcher, so a block starts before any of the watcher's hooks of that step."""
 
-    def __init__(self, switch: Any, skip: int, device: torch.device, block: int = BLOCK, seed: int = 0) -> None:
-        self.switch, self.skip, self.device, self.block = switch, skip, device, block
+    def __init__(
+        self,
+        switch: Any,
+        skip: int,
+        device: torch.device,
+        block: int = BLOCK,
+        seed: int = 0,
+        neighbour: Neighbour | None = None,
+    ) -> None:
+        self.switch, self.skip, self.device, self.block, self.neighbour = switch, skip, device, block, neighbour
         self.pairs: list[tuple[float, float]] = []  # (on, off) block seconds
+        self.neighboured: list[bool] = []  # per pair: did the neighbour run before its blocks
+        self._neighbour_now = False
         self._random = random.Random(seed)
         self._plan: list[bool] = []
         self._pair: dict[bool, float] = {}
@@ -253,9 +291,13 @@ class PairedBlocks(pl.Callback):
         if not self._plan:
             if len(self._pair) == 2:
                 self.pairs.append((self._pair[True], self._pair[False]))
+                self.neighboured.append(self._neighbour_now)
             self._pair = {}
             self._plan = self._random.sample([True, False], 2)
+            self._neighbour_now = self.neighbour is not None and not self._neighbour_now
         self._state = self._plan.pop()
+        if self._neighbour_now:
+            self.neighbour.run()
         if self.switch is not None:
             (self.switch.on if self._state else self.switch.off)()
         self._start = overhead.synced_now(self.device)
@@ -270,18 +312,21 @@ def run_pairs(
     aa: bool = False,
     block: int = BLOCK,
     switch: str = "hooks",
-) -> list[tuple[float, float]]:
-    """One fit of ``variant``, switched on and off block by block; the (on, off) block times."""
+    neighbour_steps: int = 0,
+) -> tuple[list[tuple[float, float]], list[bool]]:
+    """One fit of ``variant``, switched on and off block by block: the (on, off) block times, and
+    per pair whether a neighbour's steps ran before its blocks."""
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
     steps = skip + block * (2 * pairs + 1)  # the last block is not timed: train end is not a step
     watcher = overhead.VARIANTS[variant]()
     if watcher is None:
         raise SystemExit(f"{variant!r} is not available here (is its package installed?)")
-    clock = PairedBlocks(None if aa else SWITCHES[switch](watcher), skip, device, block)
+    neighbour = Neighbour(workload, neighbour_steps) if neighbour_steps else None
+    clock = PairedBlocks(None if aa else SWITCHES[switch](watcher), skip, device, block, neighbour=neighbour)
     gc.collect()
     trainer = overhead.quiet_trainer(steps, accelerator, [clock, watcher])
     trainer.fit(workload.model(), workload.loader(steps))
-    return clock.pairs
+    return clock.pairs, clock.neighboured
 
 
 def summarise(pairs: list[tuple[float, float]], block: int = BLOCK) -> dict:
@@ -363,6 +408,14 @@ def main() -> None:
         "the loss read in pre_backward against the on_before_backward hook (dispatch)",
     )
     parser.add_argument("--aa", action="store_true", help="switch nothing: the method's noise floor")
+    parser.add_argument(
+        "--neighbour",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="before each block of every other pair, run this many steps of another model (plain torch, "
+        "untimed), as another fit's turn in interleaved.py; both kinds of pair are reported",
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args()
     if args.accelerator == "cpu":
@@ -382,9 +435,16 @@ def main() -> None:
     results: dict[str, dict] = {}
     for index, name in enumerate(names):
         label = name if name not in results else f"{name} ({index + 1})"
-        pairs = run_pairs(workload, name, args.pairs, args.skip, args.accelerator, args.aa, args.block, args.switch)
+        pairs, neighboured = run_pairs(
+            workload, name, args.pairs, args.skip, args.accelerator, args.aa, args.block, args.switch, args.neighbour
+        )
         suffix = " (A/A)" if args.aa else "" if args.switch == "hooks" else f" ({args.switch} only)"
-        results[label + suffix] = summarise(pairs, args.block)
+        if not args.neighbour:
+            results[label + suffix] = summarise(pairs, args.block)
+            continue
+        for after, kind in ((False, "steps in a row"), (True, f"after {args.neighbour} neighbour steps")):
+            chosen = [pair for pair, flag in zip(pairs, neighboured) if flag is after]
+            results[f"{label}{suffix}, {kind}"] = summarise(chosen, args.block)
     render(workload, results, console, args.block, args.aa or args.switch != "hooks")
     if args.out:
         report = {
@@ -394,6 +454,7 @@ def main() -> None:
             "block_steps": args.block,
             "aa": args.aa,
             "switch": args.switch,
+            "neighbour_steps": args.neighbour,
             "results": results,
         }
         args.out.write_text(json.dumps(report, indent=2))

@@ -15,6 +15,7 @@ from blocks import (  # noqa: E402
     DispatchSwitch,
     FloorSwitch,
     LookbackSwitch,
+    Neighbour,
     PairedBlocks,
     PeriodSwitch,
     Switch,
@@ -190,3 +191,19 @@ def test_dispatch_switch_moves_the_loss_read_between_the_strategy_and_the_hook(t
     assert "pre_backward" not in vars(strategy) and "on_before_backward" not in vars(watch)
     switch.on()
     assert strategy.pre_backward == watch._pre_backward and watch.on_before_backward is None
+
+
+def test_a_neighbour_runs_before_the_blocks_of_every_other_pair_and_leaves_the_fit_alone(tmp_path):
+    workload = overhead.WORKLOADS["seed_mlp"]
+    neighbour = Neighbour(workload, steps=3)
+    before = [p.detach().clone() for p in neighbour.model.parameters()]
+    runs: list[int] = []
+    run = neighbour.run
+    neighbour.run = lambda: (runs.append(len(clock.pairs)), run())
+    watch = SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    clock = PairedBlocks(Switch(watch), skip=40, device=torch.device("cpu"), block=16, neighbour=neighbour)
+    _fit_seed_mlp([clock, watch], 40 + 16 * 9)  # 9 blocks: 4 whole pairs timed
+    assert clock.neighboured == [True, False, True, False]
+    assert runs == [0, 0, 2, 2, 4]  # before both blocks of the 1st, 3rd and 5th pair (its 1st block timed)
+    assert any(not torch.equal(a, b) for a, b in zip(before, neighbour.model.parameters()))  # it trained
+    assert watch.steps_watched in (40 + 16 * 4, 40 + 16 * 5)  # the watcher saw its on blocks (the last may be off)
