@@ -10,6 +10,7 @@ per-round ratios (with its interquartile range) over hundreds of rounds.
 
     python benchmarks/interleaved.py                           # seed MLP, 300 rounds of 32 steps
     python benchmarks/interleaved.py --against 00a80aa         # also an earlier commit's SpikeWatch
+    python benchmarks/interleaved.py --variants spikewatch --with-off  # its own work and its presence, apart
     python benchmarks/interleaved.py --accelerator gpu --out interleaved_gpu.json
 
 On the CPU torch runs one thread by default here (``--threads``): with two, every operation waits
@@ -32,6 +33,7 @@ import argparse
 import gc
 import importlib
 import json
+import math
 import random
 import statistics
 import sys
@@ -48,6 +50,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import overhead  # noqa: E402  (the workloads, variants and Trainer settings are shared)
+from blocks import Switch  # noqa: E402
+
+from lightning_spikewatch import SpikeWatch  # noqa: E402
 
 BLOCK = overhead.BLOCK
 BUDGET = overhead.BUDGET
@@ -113,6 +118,20 @@ def earlier_spikewatch(revision: str) -> type:
     import compare
 
     return importlib.import_module(compare.earlier_package(revision)).SpikeWatch
+
+
+class SwitchedOffWatch(SpikeWatch):
+    """SpikeWatch set up as usual at train start, then switched off for the whole fit (as in an off
+    block of ``blocks.py``): in the Trainer with its state built, but doing none of its per-step work.
+    Timed in turns against SpikeWatch, it leaves SpikeWatch's own work per step; against bare, what
+    SpikeWatch's mere presence costs, together with the difference any two fits show."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        Switch(self).off()
+
+
+SWITCHED_OFF = "spikewatch switched off"
 
 
 def watcher(cls: type):
@@ -198,6 +217,28 @@ def render(workload: overhead.Workload, summary: dict[str, dict], rounds: int, c
         console.print(f"Cheaper than every other watcher ({', '.join(others)}): {'yes' if cheaper else 'NO'}.")
 
 
+def split_by_presence(blocks: dict[str, list[float]]) -> dict[str, dict]:
+    """With a switched-off SpikeWatch among the fits: the median per-round ratio (with its standard
+    error) of SpikeWatch to it, and of it to bare."""
+    if SWITCHED_OFF not in blocks or "spikewatch" not in blocks:
+        return {}
+    split = {}
+    for name, (top, bottom) in {"own work": ("spikewatch", SWITCHED_OFF), "presence": (SWITCHED_OFF, "bare")}.items():
+        ratios = [a / b for a, b in zip(blocks[top], blocks[bottom])]
+        error = 1.2533 * statistics.stdev(ratios) / math.sqrt(len(ratios))  # of a median, as in blocks.py
+        split[name] = {"of": top, "against": bottom, "ratio_median": statistics.median(ratios), "standard_error": error}
+    return split
+
+
+def render_split(split: dict[str, dict], console: Console) -> None:
+    own, presence = split["own work"], split["presence"]
+    console.print(
+        f"SpikeWatch against itself switched off (its own work per step, as blocks.py measures it): "
+        f"x{own['ratio_median']:.4f} ± {own['standard_error']:.4f}; switched off against bare (its presence, "
+        f"and the difference between any two fits): x{presence['ratio_median']:.4f} ± {presence['standard_error']:.4f}."
+    )
+
+
 DEFAULT_VARIANTS = "bare,empty callback,fused-norm floor,spikewatch,grad_norm logging,SpikeDetection,ZClip"
 
 
@@ -214,6 +255,11 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: a busy second core then stalls no step)"
     )
+    parser.add_argument(
+        "--with-off",
+        action="store_true",
+        help=f"also fit {SWITCHED_OFF!r}: splits SpikeWatch's ratio into its own work and its presence",
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args()
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
@@ -226,6 +272,8 @@ def main() -> None:
     for name in names:
         if name != "bare" and overhead.VARIANTS[name]() is not None:  # ZClip only when installed
             variants[name] = overhead.VARIANTS[name]
+    if args.with_off:
+        variants[SWITCHED_OFF] = watcher(SwitchedOffWatch)
     if args.against:
         variants[f"spikewatch at {args.against}"] = watcher(earlier_spikewatch(args.against))
     torch.set_num_threads(args.threads)
@@ -235,6 +283,9 @@ def main() -> None:
     blocks = run_interleaved(workload, variants, args.rounds, args.skip, args.accelerator)
     summary = summarise(blocks)
     render(workload, summary, args.rounds, console)
+    split = split_by_presence(blocks)
+    if split:
+        render_split(split, console)
     if args.out:
         report = {
             "workload": workload.name,
@@ -244,6 +295,7 @@ def main() -> None:
             "rounds": args.rounds,
             "block": BLOCK,
             "variants": summary,
+            "split": split,
             "blocks_s": blocks,
         }
         args.out.write_text(json.dumps(report, indent=2))

@@ -4,9 +4,12 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from interleaved import Baton  # noqa: E402
+import overhead  # noqa: E402
+from interleaved import SWITCHED_OFF, Baton, SwitchedOffWatch, split_by_presence  # noqa: E402
 
 
 def run_in_turns(blocks: dict[str, int]) -> list[str]:
@@ -45,3 +48,20 @@ def test_every_fit_takes_one_turn_per_round_in_a_shuffled_order():
 def test_a_fit_that_ends_early_does_not_stop_the_others():
     order = run_in_turns({"bare": 20, "short": 3, "b": 20})
     assert order.count("short") == 3 and order.count("bare") == 20 and order.count("b") == 20
+
+
+def test_the_split_gives_spikewatch_against_itself_off_and_off_against_bare():
+    blocks = {"bare": [1.0, 1.0, 1.0], "spikewatch": [1.05, 1.06, 1.04], SWITCHED_OFF: [1.02, 1.02, 1.02]}
+    split = split_by_presence(blocks)
+    assert split["own work"]["ratio_median"] == pytest.approx(1.05 / 1.02)  # the median round
+    assert split["presence"]["ratio_median"] == pytest.approx(1.02)
+    assert split_by_presence({"bare": [1.0], "spikewatch": [1.1]}) == {}  # no switched-off fit: no split
+
+
+def test_a_switched_off_spikewatch_sees_no_step_and_leaves_the_strategy_as_it_was(tmp_path):
+    watch = SwitchedOffWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    workload = overhead.WORKLOADS["seed_mlp"]
+    trainer = overhead.quiet_trainer(100, "cpu", [watch])
+    trainer.fit(workload.model(), workload.loader(100))
+    assert watch.steps_watched == 0 and watch.spikes == []
+    assert "pre_backward" not in vars(trainer.strategy)
