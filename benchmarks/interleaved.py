@@ -33,7 +33,6 @@ import argparse
 import gc
 import importlib
 import json
-import math
 import random
 import statistics
 import sys
@@ -51,6 +50,7 @@ sys.path.insert(0, str(HERE))
 
 import overhead  # noqa: E402  (the workloads, variants and Trainer settings are shared)
 from blocks import Switch  # noqa: E402
+from blocks import summarise as summarise_pairs  # noqa: E402
 
 from lightning_spikewatch import SpikeWatch  # noqa: E402
 
@@ -224,9 +224,13 @@ def split_by_presence(blocks: dict[str, list[float]]) -> dict[str, dict]:
         return {}
     split = {}
     for name, (top, bottom) in {"own work": ("spikewatch", SWITCHED_OFF), "presence": (SWITCHED_OFF, "bare")}.items():
-        ratios = [a / b for a, b in zip(blocks[top], blocks[bottom])]
-        error = 1.2533 * statistics.stdev(ratios) / math.sqrt(len(ratios))  # of a median, as in blocks.py
-        split[name] = {"of": top, "against": bottom, "ratio_median": statistics.median(ratios), "standard_error": error}
+        paired = summarise_pairs(list(zip(blocks[top], blocks[bottom])))  # as blocks.py's on/off pairs
+        split[name] = {
+            "of": top,
+            "against": bottom,
+            "ratio_median": paired["ratio_median"],
+            "standard_error": paired["ratio_standard_error"],
+        }
     return split
 
 
