@@ -1065,8 +1065,8 @@ class _SpikeWatchHooks:
         """The usual step, kept to one comparison: a loss under the detector's quiet bound cannot
         be a spike, whatever the few losses before it, so it is settled now and observed (scored,
         traced) when the bound is next planned (within ``QUIET_HORIZON`` steps), in order, with the
-        same result. Only what cannot be
-        found later is read here: the step, the batch size, a change of learning rate."""
+        same result. Only what cannot be found later is read here: the step, the batch size, a
+        change of learning rate."""
         groups = self._optimizer.param_groups
         if len(groups) != 1 or groups[0]["lr"] != self._lr_seen:
             self._record_lr(step, self._optimizer)
