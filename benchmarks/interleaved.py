@@ -11,6 +11,7 @@ per-round ratios (with its interquartile range) over hundreds of rounds.
     python benchmarks/interleaved.py                           # seed MLP, 300 rounds of 32 steps
     python benchmarks/interleaved.py --against 00a80aa         # also an earlier commit's SpikeWatch
     python benchmarks/interleaved.py --variants spikewatch --with-off  # its own work and its presence, apart
+    python benchmarks/interleaved.py --variants spikewatch --fits 3   # three fits of each, timed by their mean
     python benchmarks/interleaved.py --accelerator gpu --out interleaved_gpu.json
 
 On the CPU torch runs one thread by default here (``--threads``): with two, every operation waits
@@ -21,6 +22,12 @@ the bare step faster, not slower, so its ratio is not flattered by this.
 Meant for models whose gradients are small (the seed MLP). With tens of MB of gradients per fit
 (the medium MLP), fits in several threads disturb each other's memory allocation: bare timed
 against a second bare fit came out 6% apart there. Time such models with ``overhead.py``.
+
+``--fits K`` runs K fits of each variant, all in the same turns, and times each variant by the mean
+of its fits' k-th blocks. A fit carries an offset of its own for its whole length (where its model,
+heap and code happen to land), which more rounds do not average out: two fits of the same code have
+come out up to a point apart. The issue's design repeats each variant; K fits do that here, and the
+ratio of each variant's later fits to its first is printed, so that offset shows in every run.
 
 Each block holds exactly one of SpikeWatch's periodic CPU reads (every 32nd step), so its cost is
 charged to the steps in between. A median ignores what happens in fewer than half the blocks: the
@@ -170,6 +177,41 @@ def run_interleaved(
     return {name: clock.blocks for name, clock in clocks.items()}
 
 
+def fit_names(name: str, fits: int) -> list[str]:
+    """The names of a variant's fits: its own for the first, then ``name #2`` ... ``name #K``."""
+    return [name] + [f"{name} #{number}" for number in range(2, fits + 1)]
+
+
+def pool_fits(blocks: dict[str, list[float]], variants: list[str], fits: int) -> dict[str, list[float]]:
+    """Per variant and round, the mean of its fits' block times (rounds all fits reached)."""
+    pooled = {}
+    for name in variants:
+        per_fit = [blocks[fit] for fit in fit_names(name, fits)]
+        pooled[name] = [sum(times) / len(times) for times in zip(*per_fit)]
+    return pooled
+
+
+def between_fits(blocks: dict[str, list[float]], variants: list[str], fits: int) -> dict[str, list[dict]]:
+    """Per variant, each later fit against its first (median of per-round ratios, standard error):
+    the offset a single fit carries, which is the same code timed twice."""
+    spread = {}
+    for name in variants:
+        first, *later = fit_names(name, fits)
+        spread[name] = []
+        for fit in later:
+            paired = summarise_pairs(list(zip(blocks[fit], blocks[first])))
+            spread[name].append(
+                {"fit": fit, "ratio_median": paired["ratio_median"], "standard_error": paired["ratio_standard_error"]}
+            )
+    return {name: rows for name, rows in spread.items() if rows}
+
+
+def render_between_fits(spread: dict[str, list[dict]], console: Console) -> None:
+    for name, rows in spread.items():
+        ratios = ", ".join(f"x{row['ratio_median']:.4f} ± {row['standard_error']:.4f}" for row in rows)
+        console.print(f"{name}: later fits against its first (the same code twice): {ratios}")
+
+
 def summarise(blocks: dict[str, list[float]]) -> dict[str, dict]:
     bare = blocks["bare"]
     summary = {}
@@ -187,10 +229,10 @@ def summarise(blocks: dict[str, list[float]]) -> dict[str, dict]:
     return summary
 
 
-def render(workload: overhead.Workload, summary: dict[str, dict], rounds: int, console: Console) -> None:
+def render(workload: overhead.Workload, summary: dict[str, dict], rounds: int, console: Console, fits: int = 1) -> None:
     table = Table(
         title=f"{workload.name}: {workload.parameters:,} parameters, batch {workload.batch_size}, "
-        f"{rounds} rounds of {BLOCK} steps, variants in turn",
+        f"{rounds} rounds of {BLOCK} steps, variants in turn" + (f", {fits} fits of each" if fits > 1 else ""),
         title_justify="left",
     )
     for column in ("variant", "median step", "x bare (median of rounds)", "interquartile range", "x bare (means)"):
@@ -264,6 +306,9 @@ def main() -> None:
         action="store_true",
         help=f"also fit {SWITCHED_OFF!r}: splits SpikeWatch's ratio into its own work and its presence",
     )
+    parser.add_argument(
+        "--fits", type=int, default=1, help="fits of each variant, all in the same turns; each is timed by their mean"
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args()
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
@@ -272,6 +317,8 @@ def main() -> None:
         parser.error(f"unknown variants {unknown}; known: {', '.join(overhead.VARIANTS)}")
     if args.rounds < 8:
         parser.error("--rounds must be at least 8")
+    if args.fits < 1:
+        parser.error("--fits must be at least 1")
     variants = {"bare": overhead.VARIANTS["bare"]}
     for name in names:
         if name != "bare" and overhead.VARIANTS[name]() is not None:  # ZClip only when installed
@@ -283,11 +330,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     workload = overhead.WORKLOADS[args.workload]
     console = Console(width=None if sys.stdout.isatty() else 120)
-    console.print(f"[bold]{workload.name}[/bold]: {len(variants)} fits in turn, {args.rounds} rounds ...")
-    blocks = run_interleaved(workload, variants, args.rounds, args.skip, args.accelerator)
-    summary = summarise(blocks)
-    render(workload, summary, args.rounds, console)
-    split = split_by_presence(blocks)
+    fits = {fit: make for name, make in variants.items() for fit in fit_names(name, args.fits)}
+    console.print(f"[bold]{workload.name}[/bold]: {len(fits)} fits in turn, {args.rounds} rounds ...")
+    blocks = run_interleaved(workload, fits, args.rounds, args.skip, args.accelerator)
+    spread = between_fits(blocks, list(variants), args.fits)
+    pooled = pool_fits(blocks, list(variants), args.fits)
+    summary = summarise(pooled)
+    render(workload, summary, args.rounds, console, args.fits)
+    if spread:
+        render_between_fits(spread, console)
+    split = split_by_presence(pooled)
     if split:
         render_split(split, console)
     if args.out:
@@ -297,9 +349,11 @@ def main() -> None:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "rounds": args.rounds,
+            "fits": args.fits,
             "block": BLOCK,
             "variants": summary,
             "split": split,
+            "between_fits": spread,
             "blocks_s": blocks,
         }
         args.out.write_text(json.dumps(report, indent=2))

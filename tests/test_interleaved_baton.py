@@ -9,7 +9,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import overhead  # noqa: E402
-from interleaved import SWITCHED_OFF, Baton, SwitchedOffWatch, split_by_presence  # noqa: E402
+from interleaved import (  # noqa: E402
+    SWITCHED_OFF,
+    Baton,
+    SwitchedOffWatch,
+    between_fits,
+    fit_names,
+    pool_fits,
+    split_by_presence,
+)
 
 
 def run_in_turns(blocks: dict[str, int]) -> list[str]:
@@ -56,6 +64,23 @@ def test_the_split_gives_spikewatch_against_itself_off_and_off_against_bare():
     assert split["own work"]["ratio_median"] == pytest.approx(1.05 / 1.02)  # the median round
     assert split["presence"]["ratio_median"] == pytest.approx(1.02)
     assert split_by_presence({"bare": [1.0], "spikewatch": [1.1]}) == {}  # no switched-off fit: no split
+
+
+def test_several_fits_of_a_variant_are_timed_by_their_mean_and_compared_with_the_first():
+    assert fit_names("bare", 3) == ["bare", "bare #2", "bare #3"] and fit_names("bare", 1) == ["bare"]
+    blocks = {
+        "bare": [1.0, 1.0, 1.0],
+        "bare #2": [1.1, 1.1, 1.1],  # the same code, landed 10% dearer for the whole fit
+        "spikewatch": [1.2, 1.2, 1.2, 1.2],  # a fit that reached one round more than the others
+        "spikewatch #2": [1.0, 1.0, 1.0],
+    }
+    pooled = pool_fits(blocks, ["bare", "spikewatch"], 2)
+    assert pooled["bare"] == pytest.approx([1.05] * 3) and pooled["spikewatch"] == pytest.approx([1.1] * 3)
+    spread = between_fits(blocks, ["bare", "spikewatch"], 2)
+    assert [row["fit"] for row in spread["bare"]] == ["bare #2"]
+    assert spread["bare"][0]["ratio_median"] == pytest.approx(1.1)
+    assert spread["spikewatch"][0]["ratio_median"] == pytest.approx(1.0 / 1.2)
+    assert between_fits({"bare": [1.0]}, ["bare"], 1) == {}  # one fit each: nothing to compare
 
 
 def test_a_switched_off_spikewatch_sees_no_step_and_leaves_the_strategy_as_it_was(tmp_path):
