@@ -24,10 +24,11 @@ Meant for models whose gradients are small (the seed MLP). With tens of MB of gr
 against a second bare fit came out 6% apart there. Time such models with ``overhead.py``.
 
 ``--fits K`` runs K fits of each variant, all in the same turns, and times each variant by the mean
-of its fits' k-th blocks. A fit carries an offset of its own for its whole length (where its model,
-heap and code happen to land), which more rounds do not average out: two fits of the same code have
-come out up to a point apart. The issue's design repeats each variant; K fits do that here, and the
-ratio of each variant's later fits to its first is printed, so that offset shows in every run.
+of its fits' k-th blocks. A fit may carry an offset of its own for its whole length (where its
+model, heap and code happen to land), which more rounds would not average out; two fits of the same
+code have come out 0.3 point apart, and in session 7's three-fit run within 0.2. The issue's design
+repeats each variant; K fits do that here, and each variant's later fits are printed against its
+first, so any such offset shows in every run.
 
 Each block holds exactly one of SpikeWatch's periodic CPU reads (every 32nd step), so its cost is
 charged to the steps in between. A median ignores what happens in fewer than half the blocks: the
