@@ -21,7 +21,7 @@ allocator's heap does not move between them.
 ``lookback`` its step-before lookback alone; ``floor`` SpikeWatch against the least a loss watcher
 built as a callback does (one hook call at backward and one ``item()``); ``period`` reads every 32nd
 step against every 64th (with ``--block 64``); ``trace`` a row for every batch against
-``trace_every=10``; ``dispatch`` the loss read in the strategy's ``pre_backward`` against Lightning's
+``trace_every=10``; ``dispatch`` the loss read from the strategy's ``training_step`` against Lightning's
 call of the ``on_before_backward`` hook. ``--aa`` switches nothing (both blocks of a pair on): the
 noise floor of the method, which should print x1.000 within its error.
 
@@ -85,13 +85,11 @@ def _spikewatch_only(callback: pl.Callback, switch: str, attribute: str) -> pl.C
 class Switch:
     """Turns a callback's per-step hooks off (``None`` on the instance: Lightning skips a hook that is
     not callable) and back on exactly as they were, including hooks the callback skips itself. For
-    SpikeWatch the optimizer post-hook that keeps a quiet step's gradients, and its wrapper of the
-    strategy's ``pre_backward`` that reads the loss, are taken off too."""
+    SpikeWatch its wrapper of the strategy's ``training_step``, which reads the loss, is taken off too."""
 
     def __init__(self, callback: pl.Callback) -> None:
         self.callback = callback
         self._saved: dict[str, object] | None = None
-        self._reattach = False
         self._strategy: object | None = None
 
     def off(self) -> None:
@@ -104,14 +102,9 @@ class Switch:
         for name in HELD_BETWEEN_STEPS:
             if name in state:
                 state[name] = None
-        if "_keep_grads" in state:
-            state["_keep_grads"] = False
-        self._reattach = state.get("_after_step_handle") is not None
-        if self._reattach:
-            self.callback._detach_after_step()
-        self._strategy = state.get("_backward_strategy")
+        self._strategy = state.get("_wrapped_strategy")
         if self._strategy is not None:
-            self.callback._detach_backward()
+            self.callback._detach_from_strategy()
 
     def on(self) -> None:
         if self._saved is None:
@@ -121,10 +114,8 @@ class Switch:
             state.pop(name, None)
         state.update(self._saved)
         self._saved = None
-        if self._reattach:
-            self.callback._attach_after_step()
         if self._strategy is not None:
-            self.callback._attach_backward(self._strategy)
+            self.callback._attach_to_strategy(self._strategy)
 
 
 class LookbackSwitch:
@@ -136,7 +127,7 @@ class LookbackSwitch:
 
     def off(self) -> None:
         watch = self.callback
-        watch._looks_back = watch._keep_grads = False
+        watch._looks_back = False
         watch._held_grads = watch._lookback = watch._settled_batch = None
 
     def on(self) -> None:
@@ -147,7 +138,7 @@ class FloorSwitch(Switch):
     """Off: the watcher's step hooks replaced by the least a loss watcher built as a callback does
     (one hook call at backward, reading the loss with one ``item()``). For a watcher that is reached
     through its hooks, on against off is its own work, without Lightning's call of that one hook;
-    SpikeWatch reads the loss in the strategy's ``pre_backward`` instead of a hook, so for it on
+    SpikeWatch reads the loss from the strategy's ``training_step`` instead of a hook, so for it on
     against off is its whole cost less that of such a minimal watcher."""
 
     def off(self) -> None:
@@ -201,26 +192,26 @@ class TraceSwitch:
 
 
 class DispatchSwitch:
-    """SpikeWatch reading the loss in the strategy's ``pre_backward`` (on, the default) or through
+    """SpikeWatch reading the loss from the strategy's ``training_step`` (on, the default) or through
     Lightning's call of its ``on_before_backward`` hook (off): what that hook dispatch would cost."""
 
     def __init__(self, callback: pl.Callback) -> None:
-        self.callback = _spikewatch_only(callback, "dispatch", "_backward_strategy")
+        self.callback = _spikewatch_only(callback, "dispatch", "_wrapped_strategy")
         self.strategy: object | None = None
 
     def off(self) -> None:
         watch = self.callback
-        if watch._backward_strategy is None:
+        if watch._wrapped_strategy is None:
             return
-        self.strategy = watch._backward_strategy
-        watch._detach_backward()
+        self.strategy = watch._wrapped_strategy
+        watch._detach_from_strategy()
         vars(watch).pop("on_before_backward", None)  # the class's hook, called by Lightning
 
     def on(self) -> None:
         if self.strategy is None:
             return
         self.callback.on_before_backward = None
-        self.callback._attach_backward(self.strategy)
+        self.callback._attach_to_strategy(self.strategy)
         self.strategy = None
 
 
@@ -405,7 +396,7 @@ def main() -> None:
         choices=sorted(SWITCHES),
         help="what is off: all step hooks; the lookback; all but the least a loss watcher does (floor); "
         "reads every 32nd step against every 64th (period); every row against trace_every=10 (trace); "
-        "the loss read in pre_backward against the on_before_backward hook (dispatch)",
+        "the loss read from training_step against the on_before_backward hook (dispatch)",
     )
     parser.add_argument("--aa", action="store_true", help="switch nothing: the method's noise floor")
     parser.add_argument(

@@ -553,10 +553,10 @@ def spike_cost(workload: Workload, accelerator: str, console: Console) -> dict:
 
 PARTS = {  # where SpikeWatch's per-step time goes; indented names run inside the hook above them
     "on_train_batch_start": "hook: batch start (first step only, then the batch is read where Lightning keeps it)",
-    "on_before_backward": "hook: before backward (first step only, then the strategy's pre_backward below)",
-    "_pre_backward": "strategy's pre_backward, wrapped: the loss's one item(), and on quiet steps their settle",
+    "on_before_backward": "hook: before backward (first step only, then the loss from training_step below)",
+    "_see_loss": "the loss as the strategy's training_step returns it: its one item(), quiet steps settled",
     "_settle_quietly": "  quiet step: settled by the bound (step, batch size, learning rate)",
-    "_after_optimizer_step": "optimizer post-hook: a quiet step's gradients kept by reference (lookback)",
+    "_hold_previous_grads": "  lookback: the last settled step's gradients kept by reference (near-spikes only)",
     "on_before_optimizer_step": "hook: before the optimizer step (general steps only)",
     "_lean_general_step": "  general step: warm-up, every n-th step, near-spikes",
     "_catch_up": "    settled steps scored in order, their trace rows",

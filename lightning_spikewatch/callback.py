@@ -69,7 +69,7 @@ CPU_BASELINE_EVERY = 32  # on the CPU, read gradient and input norms every n-th 
 # fitting its data) one step in eight would exceed it and take the general path. Planned every 8
 # steps it stays within a few spreads of the real threshold.
 QUIET_HORIZON = 8
-_GRAD_OF = operator.attrgetter("grad")  # a C-level getter: the quiet step keeps every gradient by reference
+_GRAD_OF = operator.attrgetter("grad")  # a C-level getter: the lookback keeps every gradient by reference
 _NEG_INF = -math.inf
 _SEQUENCES = (tuple, list)
 # Lightning calls every per-step hook on every callback, each call inside a profiler context with a
@@ -77,8 +77,8 @@ _SEQUENCES = (tuple, list)
 # callable (`_call_callback_hooks`: `if callable(fn)`, since Lightning 1.6), so during fit the hooks
 # with nothing to do are set to None on the instance, and restored when fit ends.
 _UNUSED_STEP_HOOKS = ("on_before_zero_grad", "on_after_backward")
-# The hooks the lean path skips while it has nothing for them (the loss is then read in the strategy's
-# pre_backward, which Lightning calls just before the callbacks' on_before_backward).
+# The hooks the lean path skips while it has nothing for them (the loss is then read as the strategy's
+# training_step returns it, before Lightning calls zero_grad, backward and the callbacks' on_before_backward).
 _LEAN_STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
 
 
@@ -373,20 +373,18 @@ class _SpikeWatchHooks:
         self._held_idx = 0
         self._loop_batch: tuple[Any, Any] | None = None  # lean path: where Lightning keeps them (see _follow_loop)
         self._follow_loop_untried = False
-        self._held_loss: torch.Tensor | None = None  # lean path: this step's loss, as passed to backward
+        self._held_loss: torch.Tensor | None = None  # lean path: this step's loss, as training_step returned it
         self._held_host_loss: float | None = None  # lean path on CPU: that loss, read before backward
-        self._open_step = -1  # lean path: the optimizer step whose first backward was seen (a closure may run several)
+        self._open_step = -1  # lean path: the optimizer step whose first loss was seen (a closure may run several)
         self._optimizer: Any = None  # lean path: the one optimizer, for the learning rate of quiet steps
-        self._backward_only = False  # CPU lean path: quiet steps are settled at backward, with one hook call
+        self._backward_only = False  # CPU lean path: quiet steps are settled when their loss is read, before backward
         self._step_hook_skipped = False  # on_before_optimizer_step is None on the instance (a quiet step)
         self._may_skip_step_hook = False
         self._first_dim_is_size = False  # no batch_size_fn: a batch's size is dim 0 of its first tensor
-        self._after_step_handle: Any = None  # the optimizer step post-hook that keeps a quiet step's gradients
-        self._backward_strategy: Any = None  # lean path: the strategy whose pre_backward reads the loss for us
-        self._wrapped_pre_backward: Callable | None = None  # what that pre_backward was before
+        self._wrapped_strategy: Any = None  # lean path: the strategy whose training_step hands us the loss
+        self._wrapped_training_step: Callable | None = None  # what that training_step was before
         self._strategy_had_own = False  # it was set on the strategy instance, not taken from its class
-        self._keep_grads = False  # a quiet step was settled: its gradients are kept after its optimizer step
-        self._held_grads: list[torch.Tensor | None] | None = None  # those gradients, by reference
+        self._held_grads: list[torch.Tensor | None] | None = None  # the last settled step's gradients, by reference
         self._settled_batch: Any = None  # the batch of the last settled step, for the lookback's evidence
         self._settled: list[_Settled] = []  # quiet steps not yet observed by the detector
         self._quiet_left = 0  # lean path: steps that may still be settled before the next general step
@@ -437,10 +435,9 @@ class _SpikeWatchHooks:
                 del self.on_before_optimizer_step
                 self._step_hook_skipped = False
             self.__dict__.pop("on_before_backward", None)
-            self._detach_after_step()
-            self._detach_backward()
+            self._detach_from_strategy()
         if part == "grad_norms":
-            self._looks_back = self._keep_grads = False
+            self._looks_back = False
             self._held_grads = self._lookback = None
         if message is None:
             message = (
@@ -583,9 +580,8 @@ class _SpikeWatchHooks:
         self._optimizer = trainer.optimizers[0] if self._lean else None
         self._reports_to_loggers = bool(trainer.loggers) and trainer.is_global_zero
         self._follow_loop_untried = self._lean
-        # On the CPU a quiet step is settled at backward, where its loss is read anyway (one hook call,
-        # not two); its gradients, kept for the lookback, are taken by the optimizer's own post-hook.
-        self._backward_only = self._lean and self._looks_back and self._attach_after_step()
+        # On the CPU a quiet step is settled where its loss is read anyway, before backward (one call).
+        self._backward_only = self._lean and self._looks_back
         self._looks_back = self._backward_only
         # A subclass that overrides the optimizer step hook has it called on every step.
         self._may_skip_step_hook = type(self).on_before_optimizer_step is _SpikeWatchHooks.on_before_optimizer_step
@@ -593,33 +589,7 @@ class _SpikeWatchHooks:
         self._skip_hooks(*_UNUSED_STEP_HOOKS)
         self._skip_batch_end_if_idle()
         if self._lean and type(self).on_before_backward is _SpikeWatchHooks.on_before_backward:
-            self._attach_backward(trainer.strategy)  # checked at the first step, by on_before_backward
-
-    def _attach_after_step(self) -> bool:
-        """Register the post-hook on the optimizer (torch calls it after each step, at the cost of
-        one function call); False where the optimizer takes no such hook."""
-        self._detach_after_step()
-        register = getattr(self._optimizer, "register_step_post_hook", None)
-        if register is None:
-            return False
-        self._after_step_handle = register(self._after_optimizer_step)
-        return True
-
-    def _detach_after_step(self) -> None:
-        handle, self._after_step_handle = self._after_step_handle, None
-        if handle is not None:
-            handle.remove()
-
-    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """After a quiet step's update: keep its gradients by reference, for the lookback. Called by
-        torch inside the user's ``optimizer.step``, so nothing may escape from here."""
-        if self._keep_grads:
-            self._keep_grads = False
-            try:
-                self._held_grads = list(map(_GRAD_OF, self._grads.params))
-            except Exception as err:  # noqa: BLE001 - as _safely: the run goes on, the lookback stops
-                self._held_grads = None
-                self._disable("grad_norms", err)
+            self._attach_to_strategy(trainer.strategy)  # checked at the first step, by on_before_backward
 
     def _skip_hooks(self, *names: str) -> None:
         """Have Lightning skip these hooks for the rest of fit (unless a subclass overrides them)."""
@@ -636,8 +606,7 @@ class _SpikeWatchHooks:
         for name in (*_UNUSED_STEP_HOOKS, *_LEAN_STEP_HOOKS):
             self.__dict__.pop(name, None)
         self._step_hook_skipped = False
-        self._detach_after_step()
-        self._detach_backward()
+        self._detach_from_strategy()
 
     @_safely("watch")
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
@@ -710,64 +679,67 @@ class _SpikeWatchHooks:
         if not self._lean:
             self._keep_loss(loss)
             return
-        if self._backward_strategy is not None:  # the first step with the strategy's pre_backward wrapped
+        if self._wrapped_strategy is not None:  # the first step with the strategy's training_step wrapped
             if self._open_step == self._step_counter.completed:
                 self._skip_hooks("on_before_backward")  # the wrapper saw this step first: it alone reads the loss
                 return
-            self._detach_backward()  # it did not run before this hook: this hook goes on reading the loss
-        self._see_backward(loss)
+            self._detach_from_strategy()  # it did not run before this hook: this hook goes on reading the loss
+        self._see_loss(loss)
 
-    def _pre_backward(self, closure_loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        """Set as the strategy's ``pre_backward`` during fit on the lean path. Lightning calls it just
-        before backward, ahead of the callbacks' ``on_before_backward``; reading the loss here spares
-        Lightning's call of that hook, which costs about as much as a quiet step's own work."""
-        wrapped = self._wrapped_pre_backward  # taken first: a failure below detaches this wrapper
-        if self._backward_strategy is not None and self._lean:
+    def _training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Set as the strategy's ``training_step`` during fit on the lean path. Reading the loss as it
+        is returned spares Lightning's call of ``on_before_backward``, which costs about as much as a
+        quiet step's own work, and comes before ``zero_grad``: the previous step's gradients are still
+        on the parameters, for the lookback, with no hook of our own in the optimizer's step."""
+        output = self._wrapped_training_step(*args, **kwargs)
+        if self._wrapped_strategy is not None and self._lean:
             try:
-                self._see_backward(closure_loss)
+                loss = output if type(output) is torch.Tensor else _loss_of(output)
+                if loss is not None:
+                    self._see_loss(loss)
             except Exception as err:  # noqa: BLE001 - as _safely: the run goes on, watching stops
                 self._disable("watch", err)
-        return wrapped(closure_loss, *args, **kwargs)
+        return output
 
-    def _attach_backward(self, strategy: Any) -> None:
-        """Wrap ``strategy.pre_backward`` with ``_pre_backward`` (until ``_detach_backward``)."""
-        self._detach_backward()
-        current = getattr(strategy, "pre_backward", None)
+    def _attach_to_strategy(self, strategy: Any) -> None:
+        """Wrap ``strategy.training_step`` with ``_training_step`` (until ``_detach_from_strategy``)."""
+        self._detach_from_strategy()
+        current = getattr(strategy, "training_step", None)
         if not callable(current) or not hasattr(strategy, "__dict__"):
             return
-        self._wrapped_pre_backward, self._strategy_had_own = current, "pre_backward" in vars(strategy)
-        self._backward_strategy = strategy
-        strategy.pre_backward = self._pre_backward
+        self._wrapped_training_step, self._strategy_had_own = current, "training_step" in vars(strategy)
+        self._wrapped_strategy = strategy
+        strategy.training_step = self._training_step
 
-    def _detach_backward(self) -> None:
-        """Give the strategy its own ``pre_backward`` back. If something wrapped it again after us,
+    def _detach_from_strategy(self) -> None:
+        """Give the strategy its own ``training_step`` back. If something wrapped it again after us,
         ours stays inside that wrapper, only passing the call on, until that wrapper is removed: a
         second SpikeWatch (detached after the first) then unwinds both."""
-        strategy, self._backward_strategy = self._backward_strategy, None
-        if strategy is None or vars(strategy).get("pre_backward") != self._pre_backward:
+        strategy, self._wrapped_strategy = self._wrapped_strategy, None
+        if strategy is None or vars(strategy).get("training_step") != self._training_step:
             return
         watch = self
         while True:
-            below, had_own = watch._wrapped_pre_backward, watch._strategy_had_own
-            watch._wrapped_pre_backward = None
+            below, had_own = watch._wrapped_training_step, watch._strategy_had_own
+            watch._wrapped_training_step = None
             under = getattr(below, "__self__", None)
-            passes_through = isinstance(under, _SpikeWatchHooks) and under._backward_strategy is None
-            if not (had_own and passes_through and below == under._pre_backward):
+            passes_through = isinstance(under, _SpikeWatchHooks) and under._wrapped_strategy is None
+            if not (had_own and passes_through and below == under._training_step):
                 break
             watch = under  # a detached SpikeWatch's wrapper, left inside ours: unwind it too
         if had_own:
-            strategy.pre_backward = below
+            strategy.training_step = below
         else:
-            del strategy.pre_backward
+            del strategy.training_step
 
-    def _see_backward(self, loss: torch.Tensor) -> None:
-        """The lean path's look at a step's loss, just before backward: on the CPU a loss under the
-        quiet bound settles the step here; else the step is scored at its optimizer step."""
+    def _see_loss(self, loss: torch.Tensor) -> None:
+        """The lean path's look at a step's loss, before backward: on the CPU a loss under the quiet
+        bound settles the step here; else the step is scored at its optimizer step."""
         # The optimizer step, not the batch: the epoch's batch counter is 1 at every step of a
         # one-batch epoch (full-batch training), while a closure run again (LBFGS) keeps the step.
         step = self._step_counter.completed
         if step == self._open_step:
-            return  # the same step's closure run again: its first backward decided
+            return  # the same step's closure run again: its first loss decided
         self._open_step = step
         source = self._loop_batch
         if source is None:  # the batch start hook runs and holds the batch
@@ -783,12 +755,12 @@ class _SpikeWatchHooks:
             if not self._quiet_left and self._settled and self.steps_watched % self._every:
                 # The bound's horizon has passed, with no read due: observe the settled steps and plan
                 # the next bound here, without the general path's optimizer step hook.
+                self._hold_previous_grads(step)
                 self._catch_up()
                 self._plan_quiet_steps()
             if _NEG_INF < host_loss < self._quiet_below:
-                # Cannot be a spike: the previous step's gradients are let go now, as no attribution will
-                # need them, and backward allocates this step's in their place, so the lookback never
-                # holds two sets at once on such steps.
+                # Cannot be a spike: no attribution will need the previous step's gradients, which
+                # zero_grad lets go next, so the lookback never holds two sets at once on such steps.
                 self._held_grads = self._lookback = None
                 if self._quiet_left:
                     self._settle_quietly(host_loss, batch, batch_idx, step)
@@ -796,10 +768,24 @@ class _SpikeWatchHooks:
                         self.on_before_optimizer_step = None  # settled: Lightning need not call it for this step
                         self._step_hook_skipped = True
                     return
+            elif self._settled:
+                self._hold_previous_grads(step)  # this step may spike: its catch-up makes them the lookback
         except Exception as err:  # noqa: BLE001 - as _safely: the run goes on, watching stops
             self._disable("watch", err)
             return
         self._expect_general_step(loss, host_loss, batch, batch_idx)
+
+    def _hold_previous_grads(self, step: int) -> None:
+        """Keep the gradients on the parameters by reference, if the last settled step, the one before
+        ``step``, left them there: the wrapped ``training_step`` runs before ``zero_grad`` lets them go
+        (``on_before_backward``, after it, finds none)."""
+        if (
+            self._looks_back
+            and self._held_grads is None
+            and self._wrapped_strategy is not None
+            and self._settled[-1][0] == step - 1
+        ):
+            self._held_grads = list(map(_GRAD_OF, self._grads.params))
 
     def _expect_general_step(self, loss: torch.Tensor, host_loss: float, batch: Any, batch_idx: int) -> None:
         """A CPU step the quiet bound did not settle (a read is due, or its loss may be a spike):
@@ -841,7 +827,6 @@ class _SpikeWatchHooks:
     ) -> None:
         """A lean-path step that the quiet bound did not settle: scored (and read) as any other."""
         step = self._step_counter.completed
-        self._keep_grads = False  # a settled step whose optimizer step never came: not this step's gradients
         self._records = [_Batch(self._held_batch, self._held_idx, step, loss=loss.detach(), host_loss=host_loss)]
         self._catch_up()  # the settled steps come first, in order
         self._evaluate_step(trainer, pl_module, optimizer)
@@ -905,6 +890,8 @@ class _SpikeWatchHooks:
         self._attempt("distributed", self._gather, trainer)
 
     def _flush_epoch(self, trainer: Any) -> None:
+        if self._lean and self._settled:  # the last step's gradients stay on until the next zero_grad
+            self._attempt("watch", self._hold_previous_grads, self._step_counter.completed)
         self._attempt("watch", self._catch_up)
         if self._log is not None:  # also after watching failed: what was seen until then is kept
             self._attempt("export", self._log.flush_trace)
@@ -1079,8 +1066,8 @@ class _SpikeWatchHooks:
         self.batches_watched += 1
         self._quiet_left -= 1
         self._settled.append((step, batch_idx, size, loss, self._trace_lr))
-        if self._looks_back:  # its gradients are kept after its optimizer step, read if the next step spikes
-            self._settled_batch, self._keep_grads = batch, True
+        if self._looks_back:  # its gradients are kept at the next step if that one may spike
+            self._settled_batch = batch
 
     def _plan_quiet_steps(self) -> None:
         """After a general step or a stretch of settled ones: how many of the next steps the quiet
@@ -1700,6 +1687,15 @@ def _optimizer_step_counter(trainer: Any) -> Any:
         return counter if counter.completed == trainer.global_step else None
     except AttributeError:
         return None
+
+
+def _loss_of(output: Any) -> torch.Tensor | None:
+    """The loss in a ``training_step`` output that is not a bare tensor: a mapping's ``"loss"``, as
+    Lightning takes it; None for anything else (``None`` skips the step)."""
+    if isinstance(output, Mapping):
+        loss = output.get("loss")
+        return loss if isinstance(loss, torch.Tensor) else None
+    return output if isinstance(output, torch.Tensor) else None
 
 
 def _loop_batch_source(trainer: Any) -> tuple[Any, Any] | None:

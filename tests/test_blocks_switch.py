@@ -42,11 +42,11 @@ class CountingWatch(SpikeWatch):
 def test_switch_off_skips_every_step_hook_and_drops_held_references_and_on_restores_them(tmp_path):
     watch = SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
     watch.on_after_backward = None  # as SpikeWatch itself skips unused hooks during fit
-    watch._held_loss, watch._held_grads, watch._keep_grads = torch.ones(()), [torch.zeros(3)], True
+    watch._held_loss, watch._held_grads = torch.ones(()), [torch.zeros(3)]
     switch = Switch(watch)
     switch.off()
     assert all(getattr(watch, name) is None for name in STEP_HOOKS)
-    assert watch._held_loss is None and watch._held_grads is None and not watch._keep_grads
+    assert watch._held_loss is None and watch._held_grads is None
     switch.off()  # a second off keeps what the first saved
     switch.on()
     assert watch.on_after_backward is None  # skipped by the watcher before: still skipped
@@ -55,25 +55,25 @@ def test_switch_off_skips_every_step_hook_and_drops_held_references_and_on_resto
 
 
 class _Strategy:
-    def pre_backward(self, closure_loss):
+    def training_step(self, *args):
         return None
 
 
 def _wrapping_watch(tmp_path) -> tuple[_Strategy, SpikeWatch]:
-    """A strategy stand-in whose ``pre_backward`` SpikeWatch has wrapped, as at train start."""
+    """A strategy stand-in whose ``training_step`` SpikeWatch has wrapped, as at train start."""
     strategy, watch = _Strategy(), SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
-    watch._attach_backward(strategy)
+    watch._attach_to_strategy(strategy)
     return strategy, watch
 
 
-def test_switch_off_gives_the_strategy_its_pre_backward_back_and_on_wraps_it_again(tmp_path):
+def test_switch_off_gives_the_strategy_its_training_step_back_and_on_wraps_it_again(tmp_path):
     strategy, watch = _wrapping_watch(tmp_path)
-    assert strategy.pre_backward == watch._pre_backward
+    assert strategy.training_step == watch._training_step
     switch = Switch(watch)
     switch.off()
-    assert "pre_backward" not in vars(strategy) and watch._backward_strategy is None
+    assert "training_step" not in vars(strategy) and watch._wrapped_strategy is None
     switch.on()
-    assert strategy.pre_backward == watch._pre_backward and watch._backward_strategy is strategy
+    assert strategy.training_step == watch._training_step and watch._wrapped_strategy is strategy
 
 
 def test_paired_blocks_run_the_watcher_in_exactly_one_block_of_each_pair(tmp_path):
@@ -94,11 +94,10 @@ def test_paired_blocks_run_the_watcher_in_exactly_one_block_of_each_pair(tmp_pat
 
 def test_lookback_switch_turns_only_the_lookback_off_and_drops_the_kept_gradients(tmp_path):
     watch = SpikeWatch(log_dir=tmp_path, print_spikes=False, print_summary=False)
-    watch._looks_back, watch._held_grads, watch._keep_grads = True, [torch.zeros(3)], True
+    watch._looks_back, watch._held_grads = True, [torch.zeros(3)]
     switch = LookbackSwitch(watch)
     switch.off()
     assert watch._looks_back is False and watch._held_grads is None and watch._lookback is None
-    assert not watch._keep_grads
     assert "on_before_optimizer_step" not in vars(watch)  # the hooks still run
     switch.on()
     assert watch._looks_back is True
@@ -123,26 +122,28 @@ def test_floor_switch_leaves_only_one_hook_call_at_backward_and_one_read_of_the_
     assert "on_before_backward" not in vars(watch) and "on_before_optimizer_step" not in vars(watch)
 
 
-class CountingPostHook(SpikeWatch):
-    """SpikeWatch that counts the steps on which torch called its optimizer post-hook."""
+class CountingLossReads(SpikeWatch):
+    """SpikeWatch that counts the steps whose loss its wrapper of the strategy's training_step read."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.called: list[int] = []
 
-    def _after_optimizer_step(self, optimizer, args, kwargs):
+    def _see_loss(self, loss):
         self.called.append(self._step_counter.completed)
-        super()._after_optimizer_step(optimizer, args, kwargs)
+        super()._see_loss(loss)
 
 
-def test_switch_detaches_the_optimizer_post_hook_in_off_blocks(tmp_path):
-    watch = CountingPostHook(log_dir=tmp_path, print_spikes=False, print_summary=False)
+def test_switch_detaches_the_training_step_wrapper_in_off_blocks(tmp_path):
+    watch = CountingLossReads(log_dir=tmp_path, print_spikes=False, print_summary=False)
     clock = PairedBlocks(Switch(watch), skip=40, device=torch.device("cpu"), block=16)
-    _fit_seed_mlp([clock, watch], 200)  # 10 blocks of 16 after the skip
+    trainer = overhead.quiet_trainer(200, "cpu", [clock, watch])
+    workload = overhead.WORKLOADS["seed_mlp"]
+    trainer.fit(workload.model(), workload.loader(200))  # 10 blocks of 16 after the skip
     counts = _per_block(watch.called, 40, 16, 200)
     for first in range(0, len(counts) - 1, 2):  # every step of the on block, none of the off block
         assert sorted([counts[first], counts[first + 1]]) == [0, 16]
-    assert watch._after_step_handle is None  # detached when fit ended
+    assert "training_step" not in vars(trainer.strategy)  # given back when fit ended
 
 
 def _fit_seed_mlp(callbacks: list, steps: int) -> None:
@@ -188,9 +189,9 @@ def test_dispatch_switch_moves_the_loss_read_between_the_strategy_and_the_hook(t
     watch.on_before_backward = None  # as after the first step
     switch = DispatchSwitch(watch)
     switch.off()
-    assert "pre_backward" not in vars(strategy) and "on_before_backward" not in vars(watch)
+    assert "training_step" not in vars(strategy) and "on_before_backward" not in vars(watch)
     switch.on()
-    assert strategy.pre_backward == watch._pre_backward and watch.on_before_backward is None
+    assert strategy.training_step == watch._training_step and watch.on_before_backward is None
 
 
 def test_a_neighbour_runs_before_the_blocks_of_every_other_pair_and_leaves_the_fit_alone(tmp_path):

@@ -89,4 +89,4 @@ def test_a_switched_off_spikewatch_sees_no_step_and_leaves_the_strategy_as_it_wa
     trainer = overhead.quiet_trainer(100, "cpu", [watch])
     trainer.fit(workload.model(), workload.loader(100))
     assert watch.steps_watched == 0 and watch.spikes == []
-    assert "pre_backward" not in vars(trainer.strategy)
+    assert "training_step" not in vars(trainer.strategy)

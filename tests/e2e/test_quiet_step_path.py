@@ -1,8 +1,9 @@
-"""The CPU's quiet step: SpikeWatch reads the loss in the strategy's ``pre_backward`` (not through a
-Lightning hook), and plans its quiet bound every few steps there. These runs check that this finds
-what scoring each step finds, gives the strategy back as it was, and never breaks the fit."""
+"""The CPU's quiet step: SpikeWatch reads the loss as the strategy's ``training_step`` returns it (not
+through a Lightning hook), and plans its quiet bound every few steps there. These runs check that this
+finds what scoring each step finds, gives the strategy back as it was, and never breaks the fit."""
 
 import csv
+import functools
 
 import lightning.pytorch as pl
 import pytest
@@ -24,10 +25,10 @@ class Checks(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.hook_skipped.append(vars(self.w).get("on_before_backward", "class") is None)
-        self.wrapped.append(vars(trainer.strategy).get("pre_backward") == self.w._pre_backward)
+        self.wrapped.append(vars(trainer.strategy).get("training_step") == self.w._training_step)
 
 
-def test_the_loss_is_read_in_the_strategys_pre_backward_and_the_strategy_is_given_back_after_fit(tmp_path):
+def test_the_loss_is_read_from_the_strategys_training_step_and_the_strategy_is_given_back_after_fit(tmp_path):
     data = regression_data(n=BATCH * 120)
     data.y[position(45)] += 30.0
     w = watch(tmp_path)
@@ -35,30 +36,31 @@ def test_the_loss_is_read_in_the_strategys_pre_backward_and_the_strategy_is_give
     trainer = fit(seeded(TinyNet), data, [w, checks])
     assert all(checks.wrapped) and all(checks.hook_skipped)  # from the first step on: Lightning skips the hook
     assert found(w) == [(45, 45, "outlier_sample")] and w.steps_watched == 120
-    assert "pre_backward" not in vars(trainer.strategy)  # the class's method again
+    assert "training_step" not in vars(trainer.strategy)  # the class's method again
     assert "on_before_backward" not in vars(w)
 
 
-class CallsNoPreBackward(pl.strategies.SingleDeviceStrategy):
-    """A strategy whose backward goes straight to the precision plugin, as a custom one might."""
+class BypassesWrappers(pl.Callback):
+    """Sets the strategy's own ``training_step`` on it after SpikeWatch wrapped it, as code that
+    patches the strategy without passing calls on might: SpikeWatch's wrapper is then never called."""
 
-    def backward(self, closure_loss, optimizer, *args, **kwargs):
-        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
-        self.precision_plugin.backward(closure_loss, self.lightning_module, optimizer, *args, **kwargs)
-        return self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+    def on_train_start(self, trainer, pl_module):
+        strategy = trainer.strategy
+        self.own = functools.partial(type(strategy).training_step, strategy)
+        strategy.training_step = self.own
 
 
-def test_a_strategy_that_never_calls_pre_backward_leaves_the_loss_to_the_hook_with_the_same_spikes(tmp_path):
+def test_a_training_step_that_bypasses_the_wrapper_leaves_the_loss_to_the_hook_with_the_same_spikes(tmp_path):
     data = regression_data(n=BATCH * 120)
     data.y[position(45)] += 30.0
     plain = watch(tmp_path / "plain")
     fit(seeded(TinyNet), data, [plain])
-    w = watch(tmp_path / "custom")
-    checks = Checks(w)
-    trainer = fit(seeded(TinyNet), data, [w, checks], strategy=CallsNoPreBackward(torch.device("cpu")))
-    assert not any(checks.wrapped) and not any(checks.hook_skipped)  # unwrapped at the first step
+    w = watch(tmp_path / "bypassed")
+    checks, bypass = Checks(w), BypassesWrappers()
+    trainer = fit(seeded(TinyNet), data, [w, bypass, checks])
+    assert not any(checks.wrapped) and not any(checks.hook_skipped)  # the hook reads every loss
     assert found(w) == found(plain) == [(45, 45, "outlier_sample")] and w.steps_watched == 120
-    assert "pre_backward" not in vars(trainer.strategy)
+    assert vars(trainer.strategy)["training_step"] is bypass.own  # what others set is left to them
 
 
 def test_two_instances_both_read_every_loss_and_the_strategy_is_given_back(tmp_path):
@@ -68,7 +70,7 @@ def test_two_instances_both_read_every_loss_and_the_strategy_is_given_back(tmp_p
     trainer = fit(seeded(TinyNet), data, [first, second])
     assert found(first) == found(second) == [(45, 45, "outlier_sample")]
     assert first.steps_watched == second.steps_watched == 120
-    assert "pre_backward" not in vars(trainer.strategy)  # both wrappers unwound
+    assert "training_step" not in vars(trainer.strategy)  # both wrappers unwound
 
 
 def test_a_wrapper_set_after_spikewatchs_keeps_working_after_fit_and_spikewatch_only_passes_calls_on(tmp_path):
@@ -76,24 +78,25 @@ def test_a_wrapper_set_after_spikewatchs_keeps_working_after_fit_and_spikewatch_
 
     class WrapsLater(pl.Callback):
         def on_train_start(self, trainer, pl_module):
-            inner = trainer.strategy.pre_backward
+            inner = trainer.strategy.training_step
 
-            def counting(closure_loss):
-                calls.append(1)
-                return inner(closure_loss)
+            def counting(*args):
+                calls.append(args)
+                return inner(*args)
 
-            trainer.strategy.pre_backward = counting
+            trainer.strategy.training_step = counting
 
     w = watch(tmp_path)
     trainer = fit(seeded(TinyNet), regression_data(), [w, WrapsLater()])  # SpikeWatch wraps first
     assert len(calls) == 60 and w.steps_watched == 60
-    still = trainer.strategy.pre_backward  # the other wrapper stays, with SpikeWatch's inside it
-    watched = w.steps_watched
-    still(torch.tensor(1.0))  # as Lightning would call it later: SpikeWatch only passes it on
-    assert len(calls) == 61 and w.steps_watched == watched
+    still = trainer.strategy.training_step  # the other wrapper stays, with SpikeWatch's inside it
+    watched, open_step = w.steps_watched, w._open_step
+    trainer.lightning_module.training_step = lambda *args: torch.tensor(1.0)  # no fit loop to log into now
+    assert still(*calls[-1]).item() == 1.0  # as Lightning would call it later: SpikeWatch only passes it on
+    assert len(calls) == 61 and w.steps_watched == watched and w._open_step == open_step
 
 
-def test_a_failure_while_reading_the_loss_in_pre_backward_stops_watching_but_not_the_fit(tmp_path, monkeypatch):
+def test_a_failure_while_reading_the_loss_stops_watching_but_not_the_fit(tmp_path, monkeypatch):
     def broken(self, *args):
         raise RuntimeError("simulated bug")
 
@@ -102,7 +105,7 @@ def test_a_failure_while_reading_the_loss_in_pre_backward_stops_watching_but_not
     with pytest.warns(RuntimeWarning, match="'watch' part failed"):
         trainer = fit(seeded(TinyNet), regression_data(), [w])
     assert trainer.global_step == 60 and "watch" in w._disabled
-    assert "pre_backward" not in vars(trainer.strategy)  # given back at the failure
+    assert "training_step" not in vars(trainer.strategy)  # given back at the failure
 
 
 class CountingPaths(SpikeWatch):

@@ -113,8 +113,8 @@ def test_the_step_before_a_spike_is_read_from_its_kept_gradients(tmp_path):
 
 
 class RecordingReleases(SpikeWatch):
-    """Records the steps settled by the detector's quiet bound, and those whose loss at backward was
-    under the bound planned for them (quiet steps and read steps alike)."""
+    """Records the steps settled by the detector's quiet bound, and those whose loss, read before
+    backward, was under the bound planned for them (quiet steps and read steps alike)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -125,20 +125,21 @@ class RecordingReleases(SpikeWatch):
         self.quiet.add(step)
         super()._settle_quietly(loss, batch, batch_idx, step)
 
-    def on_before_backward(self, trainer, pl_module, loss):
+    def _see_loss(self, loss):
         bound = self._quiet_below
-        super().on_before_backward(trainer, pl_module, loss)
+        super()._see_loss(loss)
         if loss.item() < bound:
             self.released.add(self._step_counter.completed)
 
 
-def test_steps_that_cannot_spike_let_the_kept_gradients_go_before_backward_and_a_spike_still_reads_them(tmp_path):
+def test_steps_that_cannot_spike_hold_no_gradients_through_backward_and_a_spike_still_reads_them(tmp_path):
     w = RecordingReleases(log_dir=tmp_path, print_spikes=False, print_summary=False)
     probe = PreviousGradientsAtBackward()
     data = regression_data(n=BATCH * 120)
     fit(seeded(TinyNet, optimizer="sgd", lr=0.05, grad_blowup=(43, "net.3.weight", 3e3)), data, [w, probe])
-    # A step whose loss is under its bound needs no step before it: its backward reuses that memory,
-    # as without SpikeWatch, so no more than one set of gradients is alive at a time. That holds for
+    # A step whose loss is under its bound needs no step before it: SpikeWatch holds none of its
+    # gradients, so its backward reuses that memory, as without SpikeWatch, and no more than one set
+    # of gradients is alive at a time. That holds for
     # the quiet steps and, with the bound planned to include them, for the read steps (every 32nd).
     assert w.quiet <= w.released and len(w.quiet) > 60
     assert {64, 96} <= w.released and not any(probe.alive[step] for step in w.released)
@@ -146,6 +147,17 @@ def test_steps_that_cannot_spike_let_the_kept_gradients_go_before_backward_and_a
     assert 43 in w.quiet and 44 not in w.released and probe.alive[44]
     event = w.spikes[0]
     assert event.step == 44 and event.cause == "layer_gradient"
+    assert event.evidence["layer"] == "net.3.weight" and event.evidence["which"] == "previous step"
+
+
+def test_a_spike_at_the_first_step_of_an_epoch_blames_the_last_step_of_the_one_before(tmp_path):
+    # The last step of epoch 0 (step 49) is settled quietly; its gradients, blown up in one layer,
+    # are still on the parameters when epoch 1 begins, and its update makes step 50 spike.
+    w = watch(tmp_path)
+    model = seeded(TinyNet, optimizer="sgd", lr=0.05, grad_blowup=(49, "net.3.weight", 3e3))
+    fit(model, regression_data(n=BATCH * 50), [w], max_epochs=2)
+    event = w.spikes[0]
+    assert event.step == 50 and event.epoch == 1 and event.cause == "layer_gradient"
     assert event.evidence["layer"] == "net.3.weight" and event.evidence["which"] == "previous step"
 
 
