@@ -588,8 +588,11 @@ class _SpikeWatchHooks:
         self._first_dim_is_size = self.batch_size_fn is None
         self._skip_hooks(*_UNUSED_STEP_HOOKS)
         self._skip_batch_end_if_idle()
+        # Checked at the first step, by on_before_backward. Where the hook reads the loss instead (a
+        # subclass overrides it, or the wrapper is not called), zero_grad has run: settled steps then
+        # keep no gradients for the lookback, and the steps scored at their optimizer step still do.
         if self._lean and type(self).on_before_backward is _SpikeWatchHooks.on_before_backward:
-            self._attach_to_strategy(trainer.strategy)  # checked at the first step, by on_before_backward
+            self._attach_to_strategy(trainer.strategy)
 
     def _skip_hooks(self, *names: str) -> None:
         """Have Lightning skip these hooks for the rest of fit (unless a subclass overrides them)."""
