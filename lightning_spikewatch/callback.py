@@ -44,11 +44,13 @@ from lightning_spikewatch.replay import (
     training_step_takes_batch_idx,
 )
 from lightning_spikewatch.signals import (
+    NOT_FLAT,
     GradientReader,
     adam_layers,
     batch_size_of,
     class_counts,
     dataset_indices,
+    flat_dict_batch_size,
     fused_norms,
     index_value,
     input_tensors,
@@ -391,6 +393,7 @@ class _SpikeWatchHooks:
         self._quiet_below = _NEG_INF  # a loss under it cannot spike up to and including the next read
         self._lr_changes: dict[int, deque[tuple[int, list[float]]]] = {}
         self._lr_seen = math.nan  # the learning rate of a single float param group, as last recorded
+        self._lrs_seen: list[float] | None = None  # every group's, when all are floats (None: not known)
         self._trace_lr = math.nan  # the first param group's rate, as last recorded (NaN: not known)
         self._records: list[_Batch] = []
         self._pending: list[_PendingSpike] = []
@@ -943,22 +946,29 @@ class _SpikeWatchHooks:
     def _record_lr(self, step: int, optimizer: Any) -> None:
         """Keep the learning rates only when they change: no per-step allocation."""
         groups = optimizer.param_groups
-        if len(groups) == 1 and type(groups[0]["lr"]) is float:  # the usual case, checked first
-            changes = self._lr_changes.get(id(optimizer))
-            if changes and changes[-1][1][0] == groups[0]["lr"] and len(changes[-1][1]) == 1:
-                return
+        changes = self._lr_changes.get(id(optimizer))
+        if changes and len(groups) == 1 and type(lr := groups[0]["lr"]) is float:
+            # The usual case, kept short: one group with a float rate. A per-step schedule (warm-up,
+            # cosine) changes it at every step, quiet ones included, so this runs every step then.
+            last = changes[-1][1]
+            if len(last) != 1 or last[0] != lr:
+                changes.append((step, [lr]))
+            self._lr_seen = self._trace_lr = lr
+            self._lrs_seen = None  # one group: the quiet step compares _lr_seen
+            return
         lrs = [group["lr"] for group in groups]
         if any(isinstance(lr, torch.Tensor) for lr in lrs):
             if any(lr.device.type != "cpu" for lr in lrs if isinstance(lr, torch.Tensor)):
                 return  # reading a learning rate kept on the GPU would cost a sync every step
             lrs = [float(lr) for lr in lrs]
-        changes = self._lr_changes.get(id(optimizer))
         if changes is None:
             changes = self._lr_changes[id(optimizer)] = deque(maxlen=LR_LOOKBACK + 2)
         if not changes or changes[-1][1] != lrs:
             changes.append((step, [float(lr) for lr in lrs]))
         # What the quiet step compares with (NaN: always call here) and writes in its trace row.
-        self._lr_seen = lrs[0] if len(lrs) == 1 and type(groups[0]["lr"]) is float else math.nan
+        all_floats = all(type(group["lr"]) is float for group in groups)
+        self._lr_seen = lrs[0] if len(lrs) == 1 and all_floats else math.nan
+        self._lrs_seen = lrs if all_floats else None
         self._trace_lr = changes[-1][1][0] if changes[-1][1] else math.nan
 
     def _lr_history(self, optimizer: Any, step: int) -> list[list[float]]:
@@ -1058,12 +1068,20 @@ class _SpikeWatchHooks:
         same result. Only what cannot be found later is read here: the step, the batch size, a
         change of learning rate."""
         groups = self._optimizer.param_groups
-        if len(groups) != 1 or groups[0]["lr"] != self._lr_seen:
+        if len(groups) == 1:
+            if groups[0]["lr"] != self._lr_seen:
+                self._record_lr(step, self._optimizer)
+        elif [group["lr"] for group in groups] != self._lrs_seen:  # e.g. parameters with and without weight decay
             self._record_lr(step, self._optimizer)
-        if self._first_dim_is_size and type(batch) in _SEQUENCES and batch and type(batch[0]) is torch.Tensor:
-            shape = batch[0].shape  # the usual (x, y) batch, read without a call
-            size = shape[0] if shape and 0 not in shape else None  # None for a scalar or an empty tensor
-        else:
+        size = NOT_FLAT
+        if self._first_dim_is_size:
+            batch_type = type(batch)
+            if batch_type in _SEQUENCES and batch and type(batch[0]) is torch.Tensor:
+                shape = batch[0].shape  # the usual (x, y) batch, read without a call
+                size = shape[0] if shape and 0 not in shape else None  # None for a scalar or an empty tensor
+            elif batch_type is dict or isinstance(batch, Mapping):  # {"x": ..., "y": ...} with no walk
+                size = flat_dict_batch_size(batch, self.target_keys)
+        if size is NOT_FLAT:
             size = self._size_of(batch, batch_idx)
         self.steps_watched += 1
         self.batches_watched += 1

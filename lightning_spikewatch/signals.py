@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -74,6 +74,26 @@ def batch_size_of(leaves: Sequence[torch.Tensor]) -> int | None:
         if leaf.ndim > 0:
             return int(leaf.shape[0])
     return None
+
+
+NOT_FLAT = -1  # flat_dict_batch_size: a value is not a tensor, so the general walk decides
+
+
+def flat_dict_batch_size(batch: Mapping[str, Any], target_keys: Container[str]) -> int | None:
+    """The size of a flat dict batch of tensors, the same as ``batch_size_of(input_tensors(batch))
+    or batch_size_of(tensor_leaves(batch))`` but without building lists, for the quiet step that
+    sizes every such batch: dim 0 of the first floating, non-empty input tensor, else of the first
+    tensor with a dim; None if none has one, and ``NOT_FLAT`` if a value is not a tensor."""
+    first = None
+    for key, value in batch.items():
+        if type(value) is not torch.Tensor:
+            return NOT_FLAT  # a nested or mixed batch: its leaves come in the general walk's order
+        if value.ndim:
+            if key not in target_keys and value.is_floating_point() and value.numel():
+                return value.shape[0]
+            if first is None:
+                first = value.shape[0]
+    return first
 
 
 def floating(leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -8,13 +8,16 @@ import torch
 from torch import nn
 
 from lightning_spikewatch.signals import (
+    NOT_FLAT,
     GradientReader,
     adam_layers,
     batch_size_of,
     class_counts,
     dataset_indices,
+    flat_dict_batch_size,
     floating,
     fused_norms,
+    input_tensors,
     largest_input_position,
     slice_batch,
     tensor_leaves,
@@ -93,6 +96,30 @@ def test_batches_of_every_shape_are_sized_sliced_and_indexed():
     assert dataset_indices(batch, ["index", "idx"], 4) == [10, 11, 12, 13]
     assert class_counts(leaves, 4) == {0: 2, 1: 2}
     assert largest_input_position([batch["pair"].x], 4) == 3
+
+
+def test_a_flat_dict_batch_is_sized_as_the_general_walk_sizes_it():
+    targets = ("y", "labels")
+    floats, longs = torch.zeros(5, 3), torch.zeros(7, dtype=torch.long)
+    batches = [
+        {"x": floats, "y": longs},  # the first floating input
+        {"labels": torch.zeros(6), "x": floats},  # a floating target first: the input decides
+        {"input_ids": longs, "mask": longs},  # no floating input: the first tensor with a dim
+        {"scale": torch.tensor(2.0), "y": longs},  # a scalar has no size
+        {"empty": torch.zeros(0, 3), "y": longs},  # an empty input does not count as one
+        {"scalar": torch.tensor(1.0)},
+        {},
+    ]
+    for batch in batches:
+        general = batch_size_of(input_tensors(batch, targets)) or batch_size_of(tensor_leaves(batch))
+        assert flat_dict_batch_size(batch, targets) == general, batch
+    assert [flat_dict_batch_size(b, targets) for b in batches] == [5, 5, 7, 7, 0, None, None]
+    # A value that is not a tensor, before the one that decides, is left to the general walk, which
+    # keeps the leaves' order; after it, it cannot change the answer.
+    assert flat_dict_batch_size({"ids": [1, 2], "x": floats}, targets) == NOT_FLAT
+    assert flat_dict_batch_size({"nested": {"x": floats}}, targets) == NOT_FLAT
+    assert flat_dict_batch_size({"x": floats, "ids": [1, 2]}, targets) == 5
+    assert batch_size_of(input_tensors({"x": floats, "ids": [1, 2]}, targets)) == 5
 
 
 def test_adam_layers_reconstruct_the_last_update_from_optimizer_state():

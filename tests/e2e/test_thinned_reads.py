@@ -222,3 +222,46 @@ def test_steps_settled_late_are_traced_with_the_learning_rate_of_their_own_step(
         rows = list(csv.DictReader(f))
     expected = [1e-3 * 0.999 ** int(r["step"]) for r in rows]  # one step off would be 0.1% off
     assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-6)
+
+
+def two_groups(module: torch.nn.Module) -> list[dict]:
+    """Biases, then weights: parameter groups as code with and without weight decay sets them up."""
+    named = list(module.named_parameters())
+    return [
+        {"params": [p for name, p in named if name.endswith("bias")], "weight_decay": 0.0},
+        {"params": [p for name, p in named if name.endswith("weight")]},
+    ]
+
+
+def test_two_param_groups_on_a_per_step_schedule_are_traced_at_their_own_steps(tmp_path):
+    class Decaying(TinyNet):
+        def configure_optimizers(self):
+            optimizer = torch.optim.AdamW(two_groups(self), lr=1e-3)
+            rates = [lambda step: 0.999**step, lambda step: 0.998**step]  # each group its own new rate each step
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rates)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    w = CountingSettled(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    fit(seeded(Decaying), regression_data(n=BATCH * 300), [w])
+    assert w.settled_total > 100
+    with (tmp_path / "steps.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-3 * 0.999 ** int(r["step"]) for r in rows], rel=1e-6)
+    assert [int(r["batch_size"]) for r in rows] == [BATCH] * len(rows)
+
+
+def test_a_rate_jump_in_the_second_of_two_param_groups_is_named_learning_rate(tmp_path):
+    class JumpInWeights(TinyNet):
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(two_groups(self), lr=0.05)
+            rates = [lambda step: 1.0, lambda step: 1000.0 if step >= 40 else 1.0]  # the weights' rate only
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rates)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    w = CountingSettled(log_dir=tmp_path, print_spikes=False, print_summary=False)
+    fit(seeded(JumpInWeights), regression_data(), [w])
+    assert w.settled_total > 10  # the steps before the jump were settled by the quiet bound
+    first = w.spikes[0]
+    assert first.step == 41 and first.cause == "learning_rate"
+    assert first.evidence["param_group"] == 1
+    assert first.evidence["lr_before"] == pytest.approx(0.05) and first.evidence["lr_after"] == pytest.approx(50.0)
