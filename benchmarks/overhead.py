@@ -59,20 +59,41 @@ warnings.filterwarnings("ignore")
 
 
 class MLP(pl.LightningModule):
-    def __init__(self, widths: list[int], lr: float = 1e-3):
+    """``scheduled``: AdamW with and without weight decay in two param groups, and a learning rate
+    that changes at every step (linear warm-up, then cosine), as much training code sets it up."""
+
+    def __init__(self, widths: list[int], lr: float = 1e-3, scheduled: bool = False):
         super().__init__()
         layers: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
         self.net = nn.Sequential(*layers[:-1])
-        self.lr = lr
+        self.lr, self.scheduled = lr, scheduled
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
+        x, y = (batch["x"], batch["y"]) if isinstance(batch, dict) else batch
         return F.cross_entropy(self.net(x), y)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        if not self.scheduled:
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        named = list(self.named_parameters())
+        groups = [
+            {"params": [p for name, p in named if name.endswith("weight")], "weight_decay": 0.01},
+            {"params": [p for name, p in named if name.endswith("bias")], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.lr)
+        warmup, total = 100, 1_000_000
+
+        def rate(step: int) -> float:
+            return (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * step / total))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _dict_batch(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {"x": torch.stack([x for x, _ in samples]), "y": torch.stack([y for _, y in samples])}
 
 
 @dataclass(frozen=True)
@@ -81,17 +102,21 @@ class Workload:
     widths: list[int]
     batch_size: int
     steps: int
+    typical: bool = False  # dict batches, two param groups, a new learning rate every step
 
     def model(self) -> MLP:
         torch.manual_seed(0)
-        return MLP(self.widths)
+        return MLP(self.widths, scheduled=self.typical)
 
     def loader(self, steps: int) -> DataLoader:
         generator = torch.Generator().manual_seed(0)
         n = self.batch_size * min(steps, 512)
         x = torch.randn(n, self.widths[0], generator=generator)
         y = torch.randint(0, self.widths[-1], (n,), generator=generator)
-        return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=True, drop_last=True)
+        collate = _dict_batch if self.typical else None
+        return DataLoader(
+            TensorDataset(x, y), batch_size=self.batch_size, shuffle=True, drop_last=True, collate_fn=collate
+        )
 
     @property
     def parameters(self) -> int:
@@ -100,6 +125,7 @@ class Workload:
 
 WORKLOADS = {
     "seed_mlp": Workload("seed_mlp", [14, 100, 40, 4], 32, 600),
+    "seed_mlp_typical": Workload("seed_mlp_typical", [14, 100, 40, 4], 32, 600, typical=True),
     "medium_mlp": Workload("medium_mlp", [1024, 2048, 2048, 1024], 32, 160),
 }
 

@@ -947,9 +947,9 @@ class _SpikeWatchHooks:
         """Keep the learning rates only when they change: no per-step allocation."""
         groups = optimizer.param_groups
         changes = self._lr_changes.get(id(optimizer))
+        # The usual cases first, kept short: float rates. A per-step schedule (warm-up, cosine)
+        # changes them at every step, quiet ones included, so this runs every step then.
         if changes and len(groups) == 1 and type(lr := groups[0]["lr"]) is float:
-            # The usual case, kept short: one group with a float rate. A per-step schedule (warm-up,
-            # cosine) changes it at every step, quiet ones included, so this runs every step then.
             last = changes[-1][1]
             if len(last) != 1 or last[0] != lr:
                 changes.append((step, [lr]))
@@ -957,6 +957,11 @@ class _SpikeWatchHooks:
             self._lrs_seen = None  # one group: the quiet step compares _lr_seen
             return
         lrs = [group["lr"] for group in groups]
+        if changes and all(type(lr) is float for lr in lrs):  # several groups, e.g. with and without weight decay
+            if changes[-1][1] != lrs:
+                changes.append((step, lrs))
+            self._lr_seen, self._lrs_seen, self._trace_lr = math.nan, lrs, lrs[0]
+            return
         if any(isinstance(lr, torch.Tensor) for lr in lrs):
             if any(lr.device.type != "cpu" for lr in lrs if isinstance(lr, torch.Tensor)):
                 return  # reading a learning rate kept on the GPU would cost a sync every step
