@@ -371,6 +371,8 @@ class _SpikeWatchHooks:
         self._lean = False
         self._step_counter: Any = None  # lean path: Lightning's count of optimizer steps (trainer.global_step)
         self._reports_to_loggers = False
+        self._epoch_loop: Any = None  # lean path with loggers: where Lightning counts the steps it logs at
+        self._batch_end_at: int | None = None  # its count at the next logging step, while batch end is skipped
         self._held_batch: Any = None  # lean path: this step's batch and its index, by reference
         self._held_idx = 0
         self._loop_batch: tuple[Any, Any] | None = None  # lean path: where Lightning keeps them (see _follow_loop)
@@ -582,6 +584,7 @@ class _SpikeWatchHooks:
         self._lean = self._step_counter is not None and len(trainer.optimizers) == 1
         self._optimizer = trainer.optimizers[0] if self._lean else None
         self._reports_to_loggers = bool(trainer.loggers) and trainer.is_global_zero
+        self._epoch_loop = getattr(trainer.fit_loop, "epoch_loop", None) if self._reports_to_loggers else None
         self._follow_loop_untried = self._lean
         # On the CPU a quiet step is settled where its loss is read anyway, before backward (one call).
         self._backward_only = self._lean and self._looks_back
@@ -590,7 +593,7 @@ class _SpikeWatchHooks:
         self._may_skip_step_hook = type(self).on_before_optimizer_step is _SpikeWatchHooks.on_before_optimizer_step
         self._first_dim_is_size = self.batch_size_fn is None
         self._skip_hooks(*_UNUSED_STEP_HOOKS)
-        self._skip_batch_end_if_idle()
+        self._skip_batch_end_if_idle(trainer, at_batch_end=False)
         # Checked at the first step, by on_before_backward. Where the hook reads the loss instead (a
         # subclass overrides it, or the wrapper is not called), zero_grad has run: settled steps then
         # keep no gradients for the lookback, and the steps scored at their optimizer step still do.
@@ -603,9 +606,30 @@ class _SpikeWatchHooks:
             if getattr(type(self), name) is getattr(_SpikeWatchHooks, name, getattr(_CALLBACK_BASES[0], name)):
                 setattr(self, name, None)
 
-    def _skip_batch_end_if_idle(self) -> None:
-        """On the lean path with no logger, batch end has work only while a spike waits for its outputs."""
-        if self._lean and not self._pending and not self._reports_to_loggers:
+    def _skip_batch_end_if_idle(self, trainer: Any, at_batch_end: bool = True) -> None:
+        """On the lean path batch end has work only while a spike waits for its outputs, and with a
+        logger at Lightning's logging steps: until then Lightning skips the hook (``_see_loss`` gives
+        it back at the next logging step). Called at each batch end it runs, and at train start."""
+        self._batch_end_at = None
+        if not self._lean or self._pending:
+            return
+        if not self._reports_to_loggers:
+            self._skip_hooks("on_train_batch_end")
+            return
+        # Lightning logs at the step whose count of stepped batches c has (c + 1) % log_every_n_steps
+        # == 0 (or where the fit stops: a stop set during a skipped step is not logged by SpikeWatch);
+        # the count is raised after batch end. Unknown counters: the hook runs every step, as before.
+        stepped = getattr(self._epoch_loop, "_batches_that_stepped", None)
+        every = getattr(trainer, "log_every_n_steps", None)
+        if every == 0:  # log_every_n_steps=0: Lightning never logs during fit
+            self._skip_hooks("on_train_batch_end")
+            return
+        if type(stepped) is not int or type(every) is not int or every < 1:
+            return
+        upcoming = stepped + 1 if at_batch_end else stepped  # the count during the next step
+        logs_at = upcoming + -(upcoming + 1) % every
+        if logs_at > upcoming:
+            self._batch_end_at = logs_at
             self._skip_hooks("on_train_batch_end")
 
     def _restore_hooks(self) -> None:
@@ -747,6 +771,9 @@ class _SpikeWatchHooks:
         if step == self._open_step:
             return  # the same step's closure run again: its first loss decided
         self._open_step = step
+        if self._batch_end_at is not None and self._epoch_loop._batches_that_stepped >= self._batch_end_at:
+            self._batch_end_at = None  # a logging step: Lightning calls batch end again
+            self.__dict__.pop("on_train_batch_end", None)
         source = self._loop_batch
         if source is None:  # the batch start hook runs and holds the batch
             batch, batch_idx = self._held_batch, self._held_idx
@@ -863,7 +890,7 @@ class _SpikeWatchHooks:
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._end_batch(trainer, pl_module, outputs, batch)
-        self._skip_batch_end_if_idle()
+        self._skip_batch_end_if_idle(trainer)
 
     @_safely("watch")
     def _end_batch(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any) -> None:
@@ -898,7 +925,7 @@ class _SpikeWatchHooks:
     def _flush_epoch(self, trainer: Any) -> None:
         if self._lean and self._settled:  # the last step's gradients stay on until the next zero_grad
             self._attempt("watch", self._hold_previous_grads, self._step_counter.completed)
-        self._attempt("watch", self._catch_up)
+        self._attempt("watch", self._catch_up_between_steps)
         if self._log is not None:  # also after watching failed: what was seen until then is kept
             self._attempt("export", self._log.flush_trace)
 
@@ -1137,6 +1164,14 @@ class _SpikeWatchHooks:
             last_size = sizes[-1] if sizes else None
         if last_size is not None:
             self._previous_batch_size = last_size
+
+    def _catch_up_between_steps(self) -> None:
+        """Observe the settled steps at an epoch end or a logging step, then plan the quiet bound
+        again, as after the catch-ups within a step: else the next step would take the general path."""
+        if self._settled:
+            self._catch_up()
+            if self._lean:
+                self._plan_quiet_steps()
 
     def _reads_everything(self, trainer: Any) -> bool:
         """Whether this step reads gradient and input norms whatever its loss."""
@@ -1609,7 +1644,7 @@ class _SpikeWatchHooks:
     def _log_scalars(self, trainer: Any) -> None:
         if not trainer.loggers or not trainer._logger_connector.should_update_logs:
             return
-        self._catch_up()  # the loss z logged is the latest one
+        self._catch_up_between_steps()  # the loss z logged is the latest one
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
         metrics = {"spikewatch/spikes": float(len(self.spikes))}
         if math.isfinite(self._last_loss_z):

@@ -318,14 +318,29 @@ def test_batch_start_keeps_running_where_lightning_keeps_the_batch_elsewhere(tmp
     assert_outlier_found(w)
 
 
-def test_with_a_logger_batch_end_runs_every_step(tmp_path):
+class CountingBatchEnds(SpikeWatch):
+    """Records Lightning's count of stepped batches at each batch end SpikeWatch runs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_ends = []
+
+    def _end_batch(self, trainer, *args):
+        self.batch_ends.append(trainer.fit_loop.epoch_loop._batches_that_stepped)
+        super()._end_batch(trainer, *args)
+
+
+def test_with_a_logger_batch_end_runs_at_the_logging_steps_and_the_spike_only(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
-    w = watch(tmp_path / "w")
-    calls = HookCalls(w)
-    fit(seeded(TinyNet), outlier_data(), [w, calls], logger=CSVLogger(tmp_path / "logs"), log_every_n_steps=5)
-    assert all(seen == {"on_train_batch_end"} for seen in calls.seen[1:])
-    assert_outlier_found(w)
+    w = CountingBatchEnds(log_dir=tmp_path / "w", print_spikes=False, print_summary=False)
+    fit(seeded(TinyNet), outlier_data(), [w], logger=CSVLogger(tmp_path / "logs"), log_every_n_steps=5)
+    assert_outlier_found(w)  # batch end ran for the spike at step 40: its event has its samples
+    assert w.batch_ends == sorted({*range(4, 60, 5), 40})  # Lightning logs where (count + 1) % 5 == 0
+    metrics = list(csv.DictReader((tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv").open()))
+    ours = [int(r["step"]) for r in metrics if r.get("spikewatch/spikes")]
+    assert ours == [int(r["step"]) for r in metrics if r.get("train_loss")] == list(range(4, 60, 5))
+    assert [float(r["spikewatch/spikes"]) for r in metrics if r.get("spikewatch/spikes")] == [0.0] * 8 + [1.0] * 4
 
 
 def test_a_subclass_keeps_the_hooks_it_overrides(tmp_path):
