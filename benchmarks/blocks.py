@@ -315,7 +315,7 @@ def run_pairs(
     neighbour = Neighbour(workload, neighbour_steps) if neighbour_steps else None
     clock = PairedBlocks(None if aa else SWITCHES[switch](watcher), skip, device, block, neighbour=neighbour)
     gc.collect()
-    trainer = overhead.quiet_trainer(steps, accelerator, [clock, watcher])
+    trainer = overhead.quiet_trainer(steps, accelerator, [clock, watcher], **workload.trainer_options())
     trainer.fit(workload.model(), workload.loader(steps))
     return clock.pairs, clock.neighboured
 

@@ -159,7 +159,8 @@ def run_interleaved(
     def fit(name: str) -> None:
         try:
             extra = variants[name]()
-            trainer = overhead.quiet_trainer(steps, accelerator, [clocks[name]] + ([extra] if extra else []))
+            callbacks = [clocks[name]] + ([extra] if extra else [])
+            trainer = overhead.quiet_trainer(steps, accelerator, callbacks, **workload.trainer_options())
             trainer.fit(workload.model(), workload.loader(steps))
         except BaseException as err:  # noqa: BLE001 - reported below; the other fits must go on
             failures[name] = err

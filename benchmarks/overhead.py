@@ -37,9 +37,11 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import grad_norm
 from rich.console import Console
 from rich.table import Table
@@ -59,8 +61,9 @@ warnings.filterwarnings("ignore")
 
 
 class MLP(pl.LightningModule):
-    """``scheduled``: AdamW with and without weight decay in two param groups, and a learning rate
-    that changes at every step (linear warm-up, then cosine), as much training code sets it up."""
+    """``scheduled``: AdamW with and without weight decay in two param groups, a learning rate that
+    changes at every step (linear warm-up, then cosine) and the loss logged with ``self.log``, as
+    much training code sets it up."""
 
     def __init__(self, widths: list[int], lr: float = 1e-3, scheduled: bool = False):
         super().__init__()
@@ -72,7 +75,10 @@ class MLP(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = (batch["x"], batch["y"]) if isinstance(batch, dict) else batch
-        return F.cross_entropy(self.net(x), y)
+        loss = F.cross_entropy(self.net(x), y)
+        if self.scheduled:
+            self.log("train_loss", loss)
+        return loss
 
     def configure_optimizers(self):
         if not self.scheduled:
@@ -102,7 +108,7 @@ class Workload:
     widths: list[int]
     batch_size: int
     steps: int
-    typical: bool = False  # dict batches, two param groups, a new learning rate every step
+    typical: bool = False  # dict batches, two param groups, a new learning rate every step, a logger
 
     def model(self) -> MLP:
         torch.manual_seed(0)
@@ -117,6 +123,13 @@ class Workload:
         return DataLoader(
             TensorDataset(x, y), batch_size=self.batch_size, shuffle=True, drop_last=True, collate_fn=collate
         )
+
+    def trainer_options(self) -> dict:
+        """What this workload changes in ``quiet_trainer``: the typical one logs, as most runs do."""
+        if not self.typical:
+            return {}
+        root = tempfile.mkdtemp(prefix="bench_logs_")
+        return {"logger": CSVLogger(root), "log_every_n_steps": 50, "default_root_dir": root}
 
     @property
     def parameters(self) -> int:
@@ -265,19 +278,21 @@ class StepClock(pl.Callback):
         return (self.cpu_end - self.cpu_start) / max(1, len(self.stamps) - 1)
 
 
-def quiet_trainer(steps: int, accelerator: str, callbacks: list) -> pl.Trainer:
-    """A Trainer with progress bar, logger, checkpointing and summary off: the loop itself is measured."""
-    return pl.Trainer(
-        max_steps=steps,
-        accelerator=accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        default_root_dir=tempfile.mkdtemp(prefix="bench_"),
-    )
+def quiet_trainer(steps: int, accelerator: str, callbacks: list, **options: Any) -> pl.Trainer:
+    """A Trainer with progress bar, logger, checkpointing and summary off: the loop itself is measured.
+    ``options`` (a workload's ``trainer_options``) override those settings."""
+    settings = {
+        "max_steps": steps,
+        "accelerator": accelerator,
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "callbacks": callbacks,
+        "default_root_dir": tempfile.mkdtemp(prefix="bench_"),
+    }
+    return pl.Trainer(**{**settings, **options})
 
 
 def run_once(
@@ -288,7 +303,9 @@ def run_once(
         return None
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
     clock = StepClock(skip, device)
-    trainer = quiet_trainer(steps, accelerator, [clock] + ([extra] if extra is not None else []))
+    trainer = quiet_trainer(
+        steps, accelerator, [clock] + ([extra] if extra is not None else []), **workload.trainer_options()
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     gc.collect()
@@ -631,7 +648,7 @@ def part_costs(workload: Workload, accelerator: str, skip: int, console: Console
     steps = workload.steps * 2
     try:
         watch = SpikeWatch(log_dir=tempfile.mkdtemp(), print_spikes=False, print_summary=False)
-        trainer = quiet_trainer(steps, accelerator, [StartCounting(), watch])
+        trainer = quiet_trainer(steps, accelerator, [StartCounting(), watch], **workload.trainer_options())
         trainer.fit(workload.model(), workload.loader(steps))
     finally:
         for name, (owner, original) in originals.items():
