@@ -1113,7 +1113,7 @@ class _SpikeWatchHooks:
                 size = shape[0] if shape and 0 not in shape else None  # None for a scalar or an empty tensor
             elif batch_type is dict or isinstance(batch, Mapping):  # {"x": ..., "y": ...} with no walk
                 size = flat_dict_batch_size(batch, self.target_keys)
-        if size is NOT_FLAT:
+        if size == NOT_FLAT:
             size = self._size_of(batch, batch_idx)
         self.steps_watched += 1
         self.batches_watched += 1
