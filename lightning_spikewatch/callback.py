@@ -923,8 +923,6 @@ class _SpikeWatchHooks:
         self._attempt("distributed", self._gather, trainer)
 
     def _flush_epoch(self, trainer: Any) -> None:
-        if self._lean and self._settled:  # the last step's gradients stay on until the next zero_grad
-            self._attempt("watch", self._hold_previous_grads, self._step_counter.completed)
         self._attempt("watch", self._catch_up_between_steps)
         if self._log is not None:  # also after watching failed: what was seen until then is kept
             self._attempt("export", self._log.flush_trace)
@@ -1167,8 +1165,12 @@ class _SpikeWatchHooks:
 
     def _catch_up_between_steps(self) -> None:
         """Observe the settled steps at an epoch end or a logging step, then plan the quiet bound
-        again, as after the catch-ups within a step: else the next step would take the general path."""
+        again, as after the catch-ups within a step: else the next step would take the general path.
+        The last step's gradients stay on the parameters until the next ``zero_grad``: they are kept
+        for the lookback, so a spike at the next step can still be pinned on this one."""
         if self._settled:
+            if self._lean:
+                self._hold_previous_grads(self._step_counter.completed)
             self._catch_up()
             if self._lean:
                 self._plan_quiet_steps()

@@ -161,6 +161,19 @@ def test_a_spike_at_the_first_step_of_an_epoch_blames_the_last_step_of_the_one_b
     assert event.evidence["layer"] == "net.3.weight" and event.evidence["which"] == "previous step"
 
 
+def test_a_spike_right_after_a_logging_step_blames_the_logging_step(tmp_path):
+    # Step 39 is one where Lightning logs (every 10th), so SpikeWatch observes its settled steps at
+    # batch end; its gradients, blown up in one layer, must still be kept for step 40's spike.
+    from lightning.pytorch.loggers import CSVLogger
+
+    w = watch(tmp_path / "w")
+    model = seeded(TinyNet, optimizer="sgd", lr=0.05, grad_blowup=(39, "net.3.weight", 3e3))
+    fit(model, regression_data(), [w], logger=CSVLogger(tmp_path / "logs"), log_every_n_steps=10)
+    event = w.spikes[0]
+    assert event.step == 40 and event.cause == "layer_gradient"
+    assert event.evidence["layer"] == "net.3.weight" and event.evidence["which"] == "previous step"
+
+
 class CountingSettled(SpikeWatch):
     """Counts the quiet steps settled by the detector's quiet bound and observed later."""
 
