@@ -44,13 +44,12 @@ from lightning_spikewatch.replay import (
     training_step_takes_batch_idx,
 )
 from lightning_spikewatch.signals import (
-    NOT_FLAT,
     GradientReader,
     adam_layers,
     batch_size_of,
     class_counts,
     dataset_indices,
-    flat_dict_batch_size,
+    first_dim_size,
     fused_norms,
     index_value,
     input_tensors,
@@ -681,7 +680,7 @@ class _SpikeWatchHooks:
         if self.batch_size_fn is not None:
             return self._user_batch_size(batch, batch_idx)
         if inputs is None:
-            inputs = input_tensors(batch, self.target_keys)
+            return first_dim_size(batch, self.target_keys)
         return batch_size_of(inputs) or batch_size_of(tensor_leaves(batch))
 
     def _user_batch_size(self, batch: Any, batch_idx: int) -> int | None:
@@ -1103,16 +1102,11 @@ class _SpikeWatchHooks:
                 self._record_lr(step, self._optimizer)
         elif [group["lr"] for group in groups] != self._lrs_seen:  # e.g. parameters with and without weight decay
             self._record_lr(step, self._optimizer)
-        size = NOT_FLAT
-        if self._first_dim_is_size:
-            batch_type = type(batch)
-            if batch_type in _SEQUENCES and batch and type(batch[0]) is torch.Tensor:
-                shape = batch[0].shape  # the usual (x, y) batch, read without a call
-                size = shape[0] if shape and 0 not in shape else None  # None for a scalar or an empty tensor
-            elif batch_type is dict or isinstance(batch, Mapping):  # {"x": ..., "y": ...} with no walk
-                size = flat_dict_batch_size(batch, self.target_keys)
-        if size == NOT_FLAT:
-            size = self._size_of(batch, batch_idx)
+        if self._first_dim_is_size and type(batch) in _SEQUENCES and batch and type(batch[0]) is torch.Tensor:
+            shape = batch[0].shape  # the usual (x, y) batch, read without a call
+            size = shape[0] if shape and 0 not in shape else None  # None for a scalar or an empty tensor
+        else:
+            size = self._size_of(batch, batch_idx)  # a flat dict batch, too, without the general walk
         self.steps_watched += 1
         self.batches_watched += 1
         self._quiet_left -= 1

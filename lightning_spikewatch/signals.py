@@ -76,24 +76,23 @@ def batch_size_of(leaves: Sequence[torch.Tensor]) -> int | None:
     return None
 
 
-NOT_FLAT = -1  # flat_dict_batch_size: a value is not a tensor, so the general walk decides
-
-
-def flat_dict_batch_size(batch: Mapping[str, Any], target_keys: Container[str]) -> int | None:
-    """The size of a flat dict batch of tensors, the same as ``batch_size_of(input_tensors(batch))
-    or batch_size_of(tensor_leaves(batch))`` but without building lists, for the quiet step that
-    sizes every such batch: dim 0 of the first floating, non-empty input tensor, else of the first
-    tensor with a dim; None if none has one, and ``NOT_FLAT`` if a value is not a tensor."""
-    first = None
-    for key, value in batch.items():
-        if type(value) is not torch.Tensor:
-            return NOT_FLAT  # a nested or mixed batch: its leaves come in the general walk's order
-        if value.ndim:
-            if key not in target_keys and value.is_floating_point() and value.numel():
-                return value.shape[0]
-            if first is None:
-                first = value.shape[0]
-    return first
+def first_dim_size(batch: Any, target_keys: Container[str]) -> int | None:
+    """The batch size: dim 0 of the first floating, non-empty input tensor, else of the first tensor
+    with a dim (as Lightning), None if none has one. A flat dict of tensors is read without building
+    lists, since the quiet step sizes every batch."""
+    if type(batch) is dict or isinstance(batch, Mapping):
+        first = None
+        for key, value in batch.items():
+            if type(value) is not torch.Tensor:
+                break  # a nested or mixed batch: the general walk, in its leaves' order
+            if value.ndim:
+                if key not in target_keys and value.is_floating_point() and value.numel():
+                    return value.shape[0]
+                if first is None:
+                    first = value.shape[0]
+        else:
+            return first
+    return batch_size_of(input_tensors(batch, target_keys)) or batch_size_of(tensor_leaves(batch))
 
 
 def floating(leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -8,13 +8,12 @@ import torch
 from torch import nn
 
 from lightning_spikewatch.signals import (
-    NOT_FLAT,
     GradientReader,
     adam_layers,
     batch_size_of,
     class_counts,
     dataset_indices,
-    flat_dict_batch_size,
+    first_dim_size,
     floating,
     fused_norms,
     input_tensors,
@@ -110,16 +109,13 @@ def test_a_flat_dict_batch_is_sized_as_the_general_walk_sizes_it():
         {"scalar": torch.tensor(1.0)},
         {},
     ]
-    for batch in batches:
-        general = batch_size_of(input_tensors(batch, targets)) or batch_size_of(tensor_leaves(batch))
-        assert flat_dict_batch_size(batch, targets) == general, batch
-    assert [flat_dict_batch_size(b, targets) for b in batches] == [5, 5, 7, 7, 0, None, None]
     # A value that is not a tensor, before the one that decides, is left to the general walk, which
     # keeps the leaves' order; after it, it cannot change the answer.
-    assert flat_dict_batch_size({"ids": [1, 2], "x": floats}, targets) == NOT_FLAT
-    assert flat_dict_batch_size({"nested": {"x": floats}}, targets) == NOT_FLAT
-    assert flat_dict_batch_size({"x": floats, "ids": [1, 2]}, targets) == 5
-    assert batch_size_of(input_tensors({"x": floats, "ids": [1, 2]}, targets)) == 5
+    mixed = [{"ids": [1, 2], "x": floats}, {"nested": {"x": floats}}, {"x": floats, "ids": [1, 2]}]
+    for batch in batches + mixed:
+        general = batch_size_of(input_tensors(batch, targets)) or batch_size_of(tensor_leaves(batch))
+        assert first_dim_size(batch, targets) == general, batch
+    assert [first_dim_size(b, targets) for b in batches + mixed] == [5, 5, 7, 7, 0, None, None, 5, 5, 5]
 
 
 def test_adam_layers_reconstruct_the_last_update_from_optimizer_state():
