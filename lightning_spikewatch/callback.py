@@ -1763,7 +1763,7 @@ def _loop_batch_source(trainer: Any) -> tuple[dict, Any] | None:
     start for logging and cleared at batch end), as that object's attribute dict, and the count
     whose ``ready - 1`` is its index; None where this Lightning version keeps them elsewhere. (The
     results are a dict subclass, whose attributes CPython 3.11 does not specialise: a key of their
-    ``__dict__`` is read in a third of the instructions.)"""
+    ``__dict__`` is read in 210 instructions, the attribute in 350.)"""
     try:
         results = trainer.fit_loop._results
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
