@@ -1,8 +1,12 @@
 """Instructions per training step of each variant of the overhead benchmark, counted by callgrind.
 
 A count that does not move with the machine's load: on a busy shared CPU the wall-clock ratios of
-``overhead.py`` swing by 10% or more between repetitions, while this gives the same number to
-within about 0.1% of a bare step run after run. It counts instructions only, not cache misses or
+``overhead.py`` swing by 10% or more between repetitions, while this gives the same number, to the
+instruction, run after run: the ``r``-th process of a variant runs with ``PYTHONHASHSEED=r`` unless
+the variable is set. The hash seed decides how dicts and sets are laid out, and that alone moves a
+count by a few thousand instructions per step (about 0.1% of a bare step); so does any change to the
+code, a docstring included, since it moves the layout too. To rank two versions, compare the means
+over a few seeds (``--repeat 3``; the table then gives their standard deviation). It counts instructions only, not cache misses or
 memory stalls, so it ranks changes to the Python work of a step reliably; the budget itself is
 still judged on time, by ``overhead.py``.
 
@@ -111,7 +115,10 @@ def count(
         "--helper",
         str(helper),
     ]
-    done = subprocess.run(command, capture_output=True, text=True)
+    # A fixed hash seed lays out every dict and set the same way each time: the same code then gives
+    # the same count to the instruction. Run r uses seed r, so --repeat averages over layouts.
+    env = {**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", str(run))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode == 3:
         return None
     dump = Path(f"{out}.1")  # the first dump: the one counting_off asked for
@@ -135,7 +142,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the counts as JSON")
     parser.add_argument("--cache-sim", action="store_true", help="also count simulated last-level cache misses")
     parser.add_argument("--ll-mb", type=float, default=1.0, help="simulated last-level cache size in MB")
-    parser.add_argument("--repeat", type=int, default=1, help="processes per variant (means are reported)")
+    parser.add_argument("--repeat", type=int, default=1, help="processes per variant, the r-th with hash seed r (means are reported)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--helper", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -173,14 +180,17 @@ def main() -> None:
         n: statistics.stdev(e["LL misses"] for e in each) if args.cache_sim and len(each) > 1 else 0.0
         for n, each in runs.items()
     }
+    instruction_sd = {n: statistics.stdev(e["Ir"] for e in each) if len(each) > 1 else 0.0 for n, each in runs.items()}
     bare = per_step["bare"]
     cache = f", {args.ll_mb:g} MB last level simulated" if args.cache_sim else ""
-    cache += f", mean of {args.repeat} processes each" if args.repeat > 1 else ""
+    cache += f", mean of {args.repeat} processes each (hash seeds 0..{args.repeat - 1})" if args.repeat > 1 else ""
     table = Table(
         title=f"{args.workload}: per step, callgrind, {args.steps} steps after {args.skip}{cache}",
         title_justify="left",
     )
     columns = ["variant", "instructions per step", "added over bare", "x bare"]
+    if args.repeat > 1:
+        columns.insert(2, "sd over seeds")
     if args.cache_sim:
         columns += ["LL misses per step", "sd", "added over bare "] + [f"{k} added" for k in LAST_LEVEL_MISSES]
     for column in columns:
@@ -189,7 +199,10 @@ def main() -> None:
     for name, events in per_step.items():
         value, base = events["Ir"], bare["Ir"]
         rows[name] = {"per_step": value, "added": value - base, "ratio": value / base}
+        rows[name]["runs"] = [e["Ir"] for e in runs[name]]
         cells = [name, f"{value / 1e3:,.1f} k", f"{(value - base) / 1e3:+,.1f} k", f"{value / base:.4f}"]
+        if args.repeat > 1:
+            cells.insert(2, f"{instruction_sd[name] / 1e3:,.1f} k")
         if args.cache_sim:
             rows[name]["misses"] = {k: events[k] for k in (*LAST_LEVEL_MISSES, "LL misses")}
             rows[name]["misses_sd"] = spread[name]
