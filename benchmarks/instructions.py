@@ -6,9 +6,9 @@ instruction, run after run: the ``r``-th process of a variant runs with ``PYTHON
 the variable is set. The hash seed decides how dicts and sets are laid out, and that alone moves a
 count by a few thousand instructions per step (about 0.1% of a bare step); so does any change to the
 code, a docstring included, since it moves the layout too. To rank two versions, compare the means
-over a few seeds (``--repeat 3``; the table then gives their standard deviation). It counts instructions only, not cache misses or
-memory stalls, so it ranks changes to the Python work of a step reliably; the budget itself is
-still judged on time, by ``overhead.py``.
+over a few seeds (``--repeat 3``; the table then gives their standard deviation). It counts
+instructions only, not cache misses or memory stalls, so it ranks changes to the Python work of a
+step reliably; the budget itself is still judged on time, by ``overhead.py``.
 
     python benchmarks/instructions.py                                   # seed MLP, every variant
     python benchmarks/instructions.py --variants bare,spikewatch --steps 256 --out instructions.json
@@ -142,7 +142,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the counts as JSON")
     parser.add_argument("--cache-sim", action="store_true", help="also count simulated last-level cache misses")
     parser.add_argument("--ll-mb", type=float, default=1.0, help="simulated last-level cache size in MB")
-    parser.add_argument("--repeat", type=int, default=1, help="processes per variant, the r-th with hash seed r (means are reported)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="processes per variant, the r-th with hash seed r (means are reported)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--helper", help=argparse.SUPPRESS)
     args = parser.parse_args()
