@@ -307,9 +307,10 @@ def test_hooks_with_nothing_to_do_are_skipped_during_fit_and_restored_after(tmp_
 def test_batch_start_keeps_running_where_lightning_keeps_the_batch_elsewhere(tmp_path, monkeypatch):
     from lightning_spikewatch import callback
 
-    elsewhere = {"batch": None}  # the attributes of an object whose batch is not the one the hook is given
+    class Elsewhere:
+        batch = None  # not the batch the hook is given
 
-    monkeypatch.setattr(callback, "_loop_batch_source", lambda trainer: (elsewhere, None))
+    monkeypatch.setattr(callback, "_loop_batch_source", lambda trainer: (Elsewhere(), None))
     w = watch(tmp_path)
     calls = HookCalls(w)
     fit(seeded(TinyNet), outlier_data(), [w, calls])
