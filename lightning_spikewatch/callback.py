@@ -46,7 +46,6 @@ from lightning_spikewatch.replay import (
 from lightning_spikewatch.signals import (
     GradientReader,
     adam_layers,
-    batch_size_of,
     class_counts,
     dataset_indices,
     first_dim_size,
@@ -679,9 +678,7 @@ class _SpikeWatchHooks:
         Lightning does (the quiet step reads the usual ``(x, y)`` batch's in place)."""
         if self.batch_size_fn is not None:
             return self._user_batch_size(batch, batch_idx)
-        if inputs is None:
-            return first_dim_size(batch, self.target_keys)
-        return batch_size_of(inputs) or batch_size_of(tensor_leaves(batch))
+        return first_dim_size(batch, self.target_keys, inputs)
 
     def _user_batch_size(self, batch: Any, batch_idx: int) -> int | None:
         """``batch_size_fn(batch)``, as an int. The user's function may fail on a batch it did not
@@ -967,8 +964,9 @@ class _SpikeWatchHooks:
 
     # ------------------------------------------------------------------ per step
 
-    def _record_lr(self, step: int, optimizer: Any) -> None:
-        """Keep the learning rates only when they change: no per-step allocation."""
+    def _record_lr(self, step: int, optimizer: Any, lrs: list[Any] | None = None) -> None:
+        """Keep the learning rates only when they change: no per-step allocation. ``lrs``: every
+        group's rate, as the quiet step has just read them (read here when not given)."""
         groups = optimizer.param_groups
         changes = self._lr_changes.get(id(optimizer))
         # The usual cases first, kept short: float rates. A per-step schedule (warm-up, cosine)
@@ -980,7 +978,8 @@ class _SpikeWatchHooks:
             self._lr_seen = self._trace_lr = lr
             self._lrs_seen = None  # one group: the quiet step compares _lr_seen
             return
-        lrs = [group["lr"] for group in groups]
+        if lrs is None:
+            lrs = [group["lr"] for group in groups]
         if changes and all(type(lr) is float for lr in lrs):  # several groups, e.g. with and without weight decay
             if changes[-1][1] != lrs:
                 changes.append((step, lrs))
@@ -1100,8 +1099,8 @@ class _SpikeWatchHooks:
         if len(groups) == 1:
             if groups[0]["lr"] != self._lr_seen:
                 self._record_lr(step, self._optimizer)
-        elif [group["lr"] for group in groups] != self._lrs_seen:  # e.g. parameters with and without weight decay
-            self._record_lr(step, self._optimizer)
+        elif (lrs := [group["lr"] for group in groups]) != self._lrs_seen:  # e.g. with and without weight decay
+            self._record_lr(step, self._optimizer, lrs)
         if self._first_dim_is_size and type(batch) in _SEQUENCES and batch and type(batch[0]) is torch.Tensor:
             shape = batch[0].shape  # the usual (x, y) batch, read without a call
             size = shape[0] if shape and 0 not in shape else None  # None for a scalar or an empty tensor

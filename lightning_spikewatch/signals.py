@@ -76,10 +76,12 @@ def batch_size_of(leaves: Sequence[torch.Tensor]) -> int | None:
     return None
 
 
-def first_dim_size(batch: Any, target_keys: Container[str]) -> int | None:
-    """The batch size: dim 0 of the first floating, non-empty input tensor, else of the first tensor
-    with a dim (as Lightning), None if none has one. A flat dict of tensors is read without building
-    lists, since the quiet step sizes every batch."""
+def first_dim_size(batch: Any, target_keys: Container[str], inputs: Sequence[torch.Tensor] | None = None) -> int | None:
+    """The batch size: dim 0 of the first floating, non-empty input tensor (``inputs``, when the
+    caller has them), else of the first tensor with a dim (as Lightning), None if none has one. A
+    flat dict of tensors is read without building lists, since the quiet step sizes every batch."""
+    if inputs is not None:
+        return batch_size_of(inputs) or batch_size_of(tensor_leaves(batch))
     if type(batch) is dict or isinstance(batch, Mapping):
         first = None
         for key, value in batch.items():
